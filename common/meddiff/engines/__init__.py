@@ -1,0 +1,18 @@
+# Copyright (c) meddiff contributors. Licensed under the Apache License, Version 2.0.
+from .diffusion_trainer import DiffusionTrainer
+from .ema import EMA
+from .prepare_batch import X0PredictionPrepareBatch, diffusion_prepare_batch
+from .sampler import ResumableSampler
+from .trainer import Trainer, TrainerSettings
+from .vqgan_trainer import VQGANTrainer
+
+__all__ = [
+    "EMA",
+    "DiffusionTrainer",
+    "ResumableSampler",
+    "Trainer",
+    "TrainerSettings",
+    "VQGANTrainer",
+    "X0PredictionPrepareBatch",
+    "diffusion_prepare_batch",
+]

@@ -1,0 +1,9 @@
+# Copyright (c) meddiff contributors. Licensed under the Apache License, Version 2.0.
+"""Sampling helpers of the inference workflows."""
+
+from __future__ import annotations
+
+from .latent_sampler import LatentDiffusionSampler, file_sha256
+from .writers import affine_from_geometry, save_mosaic_png, save_nifti
+
+__all__ = ["LatentDiffusionSampler", "file_sha256", "affine_from_geometry", "save_mosaic_png", "save_nifti"]

@@ -1,0 +1,4 @@
+# Copyright (c) meddiff contributors. Licensed under the Apache License, Version 2.0.
+from .atomic import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
+
+__all__ = ["atomic_path", "atomic_torch_save", "atomic_write_json", "atomic_write_text"]

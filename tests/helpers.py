@@ -1,0 +1,62 @@
+# Copyright (c) meddiff contributors. Licensed under the Apache License, Version 2.0.
+"""Tiny test data and network settings shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.networks.nets import VQVAE, PatchDiscriminator
+
+from meddiff.networks import Pseudo3DUNet, SliceDiscriminator
+
+# Overrides that shrink the bundles to seconds on a CPU (volumes 16^3, latents 4^3).
+TINY_OVERRIDES: dict[str, str] = {
+    "pixdim": "[2.0,2.0,2.0]",
+    "spatial_size": "[16,16,16]",
+    "autoencoder_channels": "[8,16]",
+    "autoencoder_res_layers": "1",
+    "codebook_size": "32",
+    "embedding_dim": "4",
+    "discriminator_channels": "8",
+    "discriminator_layers": "2",
+    "unet_channels": "[8,16]",
+    "unet_attention_levels": "[false,true]",
+    "unet_res_blocks": "1",
+    "unet_head_channels": "8",
+    "num_workers": "0",
+    "progress": "false",
+    "log_interval": "1",
+}
+
+
+def blob_volume(shape: tuple[int, int, int] = (20, 18, 14), seed: int = 0) -> np.ndarray:
+    """A smooth positive 'anatomy': a few Gaussian blobs on a dim ellipsoid, float32."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    body = (sum(g**2 for g in grids) < 0.8).astype(np.float32) * 200
+    for _ in range(4):
+        centre = rng.uniform(-0.5, 0.5, 3)
+        width = rng.uniform(0.15, 0.35)
+        body += 600 * np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre)) / (2 * width**2))
+    return (body + rng.normal(0, 5, shape)).clip(0).astype(np.float32)
+
+
+def tiny_autoencoder() -> VQVAE:
+    return VQVAE(spatial_dims=3, in_channels=1, out_channels=1, channels=[8, 16], num_res_layers=1,
+                 num_res_channels=[8, 16], downsample_parameters=[(2, 4, 1, 1)] * 2,
+                 upsample_parameters=[(2, 4, 1, 1, 0)] * 2, num_embeddings=32, embedding_dim=4)
+
+
+def tiny_discriminators() -> tuple[PatchDiscriminator, SliceDiscriminator]:
+    return PatchDiscriminator(spatial_dims=3, channels=8, in_channels=1, num_layers_d=2), SliceDiscriminator(1, 8, 2)
+
+
+def tiny_unet(channels: int = 4) -> Pseudo3DUNet:
+    return Pseudo3DUNet(3, channels, channels, channels=[8, 16], attention_levels=[False, True], num_head_channels=8)
+
+
+def unit_batch(n: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """(n, 1, size, size, size) blob volumes scaled to [-1, 1]."""
+    vols = [blob_volume((size,) * 3, seed=seed + i) for i in range(n)]
+    x = torch.as_tensor(np.stack(vols))[:, None]
+    return (x / x.amax() * 2 - 1).float()
