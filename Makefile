@@ -19,7 +19,7 @@ install: $(PY)
 	$(PY) -m pip install -q -e ".[dev]"
 
 configs:
-	@for b in $(GENERATIVE_BUNDLES); do cp common/configs/generative.json bundles/$$b/configs/common.json; done
+	@for b in $(GENERATIVE_BUNDLES); do cp common/configs/generative/*.json bundles/$$b/configs/; done
 
 demo: install
 	$(PY) -m meddiff.cli.main demo --output_dir $(DEMO_DIR)

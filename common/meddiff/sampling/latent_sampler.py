@@ -7,10 +7,11 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.inferers import LatentDiffusionInferer
 from torch import nn
@@ -60,7 +61,10 @@ class LatentDiffusionSampler:
         output_dtype: NIfTI data type (e.g. ``"float32"``, ``"int16"``).
         prefix: file name prefix.
         mosaic_slices: slices in each PNG mosaic.
-        mosaic_window: display window of the mosaics (``None``: percentiles).
+        mosaic_windows: named display windows (e.g. ``{"lung": [-1350, 150]}``), one
+            ``<prefix>_<i>_<name>.png`` each; ``None``: one ``<prefix>_<i>.png`` with a percentile window.
+        extra_writers: further outputs, each called as ``writer(volume, affine, stem)`` with the
+            volume (1, X, Y, Z) in output units and the path stem (e.g. a DICOM series writer).
         weights_files: files whose SHA-256 goes into ``samples.json``.
         progress: show progress bars.
     """
@@ -82,7 +86,8 @@ class LatentDiffusionSampler:
         output_dtype: str = "float32",
         prefix: str = "sample",
         mosaic_slices: int = 16,
-        mosaic_window: Sequence[float] | None = None,
+        mosaic_windows: Mapping[str, Sequence[float]] | None = None,
+        extra_writers: Sequence[Callable[[torch.Tensor, np.ndarray, Path], Any]] = (),
         weights_files: Sequence[str | Path] = (),
         progress: bool = True,
     ) -> None:
@@ -111,7 +116,8 @@ class LatentDiffusionSampler:
         self.output_dtype = output_dtype
         self.prefix = prefix
         self.mosaic_slices = mosaic_slices
-        self.mosaic_window = mosaic_window
+        self.mosaic_windows = dict(mosaic_windows) if mosaic_windows else None
+        self.extra_writers = list(extra_writers)
         self.weights_files = [Path(p) for p in weights_files]
         self.progress = progress
 
@@ -139,10 +145,16 @@ class LatentDiffusionSampler:
             if self.intensity_range is not None:
                 volume = scale_from_unit_range(volume, *self.intensity_range)
             affine = affine_from_geometry(self.spacing, self.axcodes, spatial_size=volume.shape[1:])
-            nifti = save_nifti(volume, affine, self.output_dir / f"{self.prefix}_{i:03d}.nii.gz",
-                               dtype=self.output_dtype)
-            save_mosaic_png(volume, self.output_dir / f"{self.prefix}_{i:03d}.png", num_slices=self.mosaic_slices,
-                            window=None if self.mosaic_window is None else tuple(self.mosaic_window))
+            stem = self.output_dir / f"{self.prefix}_{i:03d}"
+            nifti = save_nifti(volume, affine, stem.with_name(stem.name + ".nii.gz"), dtype=self.output_dtype)
+            if self.mosaic_windows is None:
+                save_mosaic_png(volume, stem.with_name(stem.name + ".png"), num_slices=self.mosaic_slices)
+            else:
+                for name, window in self.mosaic_windows.items():
+                    save_mosaic_png(volume, stem.with_name(f"{stem.name}_{name}.png"), num_slices=self.mosaic_slices,
+                                    window=(float(window[0]), float(window[1])))
+            for writer in self.extra_writers:
+                writer(volume, affine, stem)
             written.append(nifti)
             records.append({"file": nifti.name, "seed": self.seed + i, "seconds": round(time.perf_counter() - tic, 2)})
             logger.info("wrote %s", nifti)
