@@ -28,8 +28,10 @@ def bundle_command(bundle: Path, stage: str, overrides: dict[str, str], extra_co
                    launcher: list[str] | None = None) -> list[str]:
     configs = [f"configs/{name}.json" for name in STAGE_CONFIGS[stage]] + list(extra_configs)
     cmd = (launcher or [sys.executable]) + ["-m", "monai.bundle", "run", "--config_file",
-                                            "[" + ",".join(f"'{c}'" for c in configs) + "]",
-                                            "--bundle_root", str(bundle)]
+                                            "[" + ",".join(f"'{c}'" for c in configs) + "]"]
+    if "bundle_root" not in overrides:  # an explicit None: rely on the default "." (cwd = bundle folder)
+        cmd += ["--bundle_root", str(bundle)]
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     for key, value in {**TINY_OVERRIDES, **overrides}.items():
         cmd += [f"--{key}", str(value)]
     return cmd

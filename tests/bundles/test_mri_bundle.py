@@ -5,37 +5,42 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 
+from meddiff.data import write_dicom_series
 from tests.bundles.conftest import MRI_BUNDLE, run_bundle, write_mixed_mri_dataset
+from tests.helpers import blob_volume
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
+    """A copy of the bundle run as a user would: from its folder, given only data and size overrides."""
     root = tmp_path_factory.mktemp("mri_bundle")
     data = write_mixed_mri_dataset(root / "data")
-    overrides = {"dataset_dir": str(data), "ckpt_dir": str(root / "models"), "output_dir": str(root / "samples"),
-                 "npy_spacing": "[1.2,1.2,2.5]", "val_fraction": "0.25"}
-    return root, overrides
+    bundle = shutil.copytree(MRI_BUNDLE, root / "bundle")
+    overrides = {"bundle_root": None, "dataset_dir": str(data), "npy_spacing": "[1.2,1.2,2.5]",
+                 "val_fraction": "0.25"}
+    return bundle, overrides
 
 
 @pytest.fixture(scope="module")
 def trained(workspace):
-    root, overrides = workspace
-    run_bundle(MRI_BUNDLE, "train_autoencoder", {**overrides, "max_steps": "4", "val_interval": "2",
+    bundle, overrides = workspace
+    run_bundle(bundle, "train_autoencoder", {**overrides, "max_steps": "4", "val_interval": "2",
                                                  "ckpt_interval": "2", "adversarial_start_step": "2"})
-    run_bundle(MRI_BUNDLE, "train_diffusion", {**overrides, "max_steps": "4", "val_interval": "2",
-                                               "ckpt_interval": "2", "ema_start_step": "2", "warmup_steps": "2"})
-    return root, overrides
+    run_bundle(bundle, "train_diffusion", {**overrides, "max_steps": "4", "val_interval": "2",
+                                           "ckpt_interval": "2", "ema_start_step": "2", "warmup_steps": "2"})
+    return bundle, overrides
 
 
 def test_training_writes_weights_landmarks_and_datalist(trained):
-    root, _ = trained
-    models = root / "models"
+    bundle, _ = trained
+    models = bundle / "models"
     datalist = json.loads((models / "datalist.json").read_text())
     assert len(datalist["training"]) == 3 and len(datalist["validation"]) == 1
     landmarks = json.loads((models / "nyul_landmarks.json").read_text())
@@ -50,10 +55,10 @@ def test_training_writes_weights_landmarks_and_datalist(trained):
 
 
 def test_inference_writes_nifti_with_training_geometry(trained):
-    root, overrides = trained
-    run_bundle(MRI_BUNDLE, "inference", {**overrides, "num_samples": "2", "num_inference_steps": "3",
-                                         "sample_seed": "7"})
-    out = root / "samples"
+    bundle, overrides = trained
+    run_bundle(bundle, "inference", {**overrides, "num_samples": "2", "num_inference_steps": "3",
+                                     "sample_seed": "7"})
+    out = bundle / "outputs"
     files = sorted(out.glob("sample_*.nii.gz"))
     assert len(files) == 2
     for f in files:
@@ -70,6 +75,61 @@ def test_inference_writes_nifti_with_training_geometry(trained):
     assert set(manifest["weights"]) == {"autoencoder.pt", "diffusion_model.pt"}
     assert manifest["synthetic"] is True
     # the same seed gives the same volume
-    run_bundle(MRI_BUNDLE, "inference", {**overrides, "num_samples": "1", "num_inference_steps": "3",
-                                         "sample_seed": "8", "output_dir": str(root / "again")})
-    assert np.allclose(nib.load(root / "again" / "sample_000.nii.gz").get_fdata(), nib.load(files[1]).get_fdata())
+    run_bundle(bundle, "inference", {**overrides, "num_samples": "1", "num_inference_steps": "3",
+                                     "sample_seed": "8", "output_dir": str(bundle / "again")})
+    assert np.allclose(nib.load(bundle / "again" / "sample_000.nii.gz").get_fdata(), nib.load(files[1]).get_fdata())
+
+
+def _nifti(path, array, affine=None):
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), path)
+
+
+def _bad_nan(d):
+    v = blob_volume()
+    v[3, 4, 5] = np.nan
+    _nifti(d / "bad.nii.gz", v)
+    return "bad.nii.gz", "NaN"
+
+
+def _bad_truncated(d):
+    _nifti(d / "bad.nii.gz", blob_volume())
+    raw = (d / "bad.nii.gz").read_bytes()
+    (d / "bad.nii.gz").write_bytes(raw[: len(raw) // 2])
+    return "bad.nii.gz", "cannot be read"
+
+
+def _bad_2d(d):
+    _nifti(d / "bad.nii.gz", blob_volume()[:, :, 0])
+    return "bad.nii.gz", "not a 3D volume"
+
+
+def _bad_two_series(d):
+    folder = d / "sub-09" / "mixed"
+    write_dicom_series(blob_volume((12, 12, 4)), np.eye(4), d / "tmp_a", modality="MR")
+    write_dicom_series(blob_volume((12, 12, 4), seed=5), np.eye(4), d / "tmp_b", modality="MR")
+    folder.mkdir(parents=True)
+    for src in ("tmp_a", "tmp_b"):
+        for f in (d / src).iterdir():
+            f.rename(folder / f"{src}_{f.name}")
+        (d / src).rmdir()
+    return "mixed", "contains 2 DICOM series"
+
+
+def _bad_empty(d):
+    return str(d.name), "contains no volumes"
+
+
+@pytest.mark.parametrize("make_bad", [_bad_nan, _bad_truncated, _bad_2d, _bad_two_series, _bad_empty])
+def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, make_bad):
+    data = tmp_path / "data"
+    data.mkdir()
+    if make_bad is not _bad_empty:
+        _nifti(data / "good.nii.gz", blob_volume(seed=3))
+    name, problem = make_bad(data)
+    models = tmp_path / "models"
+    proc = run_bundle(MRI_BUNDLE, "train_autoencoder", {"dataset_dir": str(data), "ckpt_dir": str(models),
+                                                        "max_steps": "2"}, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "DataError" in output and name in output and problem in output, output[-3000:]
+    assert not [p for p in models.rglob("*") if p.is_file()], "a failed run left files behind"
