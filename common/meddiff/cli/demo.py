@@ -36,8 +36,9 @@ DEMO_OVERRIDES: dict[str, str] = {
     "log_interval": "25",
 }
 STAGES = {
-    "train_autoencoder": {"max_steps": "400", "adversarial_start_step": "250", "val_interval": "100",
-                          "ckpt_interval": "200"},
+    # the GAN phase needs far more steps than a demo has to help; the tests exercise it
+    "train_autoencoder": {"max_steps": "300", "adversarial_start_step": "1000000", "autoencoder_lr": "0.001",
+                          "val_interval": "100", "ckpt_interval": "300"},
     "train_diffusion": {"max_steps": "600", "batch_size": "4", "ema_start_step": "200", "val_interval": "200",
                         "ckpt_interval": "300", "warmup_steps": "50", "diffusion_lr": "0.0005"},
     "inference": {"num_samples": "2", "num_inference_steps": "50"},
