@@ -11,12 +11,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from pydicom.uid import generate_uid
 
 from meddiff.data import write_dicom_series
+from meddiff.data.demo import write_decoy_series
 from tests.helpers import TINY_OVERRIDES, blob_volume
 
 REPO = Path(__file__).resolve().parents[2]
 MRI_BUNDLE = REPO / "bundles" / "mri_generative_diffusion"
+CT_BUNDLE = REPO / "bundles" / "ct_generative_diffusion"
 STAGE_CONFIGS = {
     "train_autoencoder": ["common", "train_autoencoder"],
     "train_diffusion": ["common", "train_autoencoder", "train_diffusion"],
@@ -25,8 +28,9 @@ STAGE_CONFIGS = {
 
 
 def bundle_command(bundle: Path, stage: str, overrides: dict[str, str], extra_configs: list[str] = (),
-                   launcher: list[str] | None = None) -> list[str]:
-    configs = [f"configs/{name}.json" for name in STAGE_CONFIGS[stage]] + list(extra_configs)
+                   launcher: list[str] | None = None, absolute: bool = False) -> list[str]:
+    prefix = f"{bundle}/configs" if absolute else "configs"
+    configs = [f"{prefix}/{name}.json" for name in STAGE_CONFIGS[stage]] + list(extra_configs)
     cmd = (launcher or [sys.executable]) + ["-m", "monai.bundle", "run", "--config_file",
                                             "[" + ",".join(f"'{c}'" for c in configs) + "]"]
     if "bundle_root" not in overrides:  # an explicit None: rely on the default "." (cwd = bundle folder)
@@ -38,11 +42,12 @@ def bundle_command(bundle: Path, stage: str, overrides: dict[str, str], extra_co
 
 
 def run_bundle(bundle: Path, stage: str, overrides: dict[str, str], extra_configs: list[str] = (),
-               check: bool = True, launcher: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run one workflow from the bundle folder; on unexpected failure show its output."""
+               check: bool = True, launcher: list[str] | None = None, timeout: int = 600,
+               cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run one workflow (from the bundle folder unless ``cwd`` is given); on unexpected failure show its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(bundle_command(bundle, stage, overrides, extra_configs, launcher), cwd=bundle,
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    cmd = bundle_command(bundle, stage, overrides, extra_configs, launcher, absolute=cwd is not None)
+    proc = subprocess.run(cmd, cwd=cwd or bundle, capture_output=True, text=True, env=env, timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(f"{stage} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -61,3 +66,32 @@ def write_mixed_mri_dataset(root: Path) -> Path:
                        series_description="T1 axial")
     np.save(root / "case-04.npy", np.moveaxis(blob_volume((18, 18, 12), seed=4), -1, 0))  # slices x H x W
     return root
+
+
+def ct_phantom(shape: tuple[int, int, int] = (20, 20, 18), seed: int = 0) -> np.ndarray:
+    """A tiny chest-like CT in HU (float32): air, a soft-tissue body, two lungs, a bone, CT noise."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    hu = np.full(shape, -1000.0)
+    hu[(x / 0.85) ** 2 + (y / 0.7) ** 2 < 1] = 40.0
+    for side in (-1, 1):
+        hu[((x - side * 0.4) / 0.3) ** 2 + (y / 0.45) ** 2 + (z / 0.9) ** 2 < 1] = -850.0
+    hu[(x**2 + (y + 0.55) ** 2) < 0.02] = 700.0 + 100 * rng.random()
+    return (hu + rng.normal(0.0, 8.0, shape)).astype(np.float32)
+
+
+def write_ct_patient(root: Path, patient_id: str, volume: np.ndarray, affine: np.ndarray,
+                     decoys: tuple[str, ...] = ("CR", "SR"), series: str = "ct-axial") -> Path:
+    """Write ``root/<patient_id>/study-1/<series>/`` (CT, int16 + intercept -1024) and one-file decoy series.
+
+    Returns:
+        The CT series folder.
+    """
+    study = root / patient_id / "study-1"
+    study_uid = generate_uid()
+    folder = write_dicom_series(volume, affine, study / series, modality="CT", patient_id=patient_id,
+                                patient_name=f"TEST^{patient_id}", rescale_intercept=-1024.0,
+                                series_description="CHEST CT", extra={"StudyInstanceUID": study_uid})[0].parent
+    for kind in decoys:
+        write_decoy_series(study / f"{kind.lower()}-decoy", kind, patient_id, study_uid)
+    return folder

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -78,6 +80,32 @@ def test_inference_writes_nifti_with_training_geometry(trained):
     run_bundle(bundle, "inference", {**overrides, "num_samples": "1", "num_inference_steps": "3",
                                      "sample_seed": "8", "output_dir": str(bundle / "again")})
     assert np.allclose(nib.load(bundle / "again" / "sample_000.nii.gz").get_fdata(), nib.load(files[1]).get_fdata())
+
+
+# Runs `-m monai.bundle` with meddiff's install location removed from sys.path, as on a machine
+# (or MONAI Label server) that only has the exported bundle.
+_WITHOUT_MEDDIFF = (
+    "import importlib.util, runpy, sys;"
+    "sys.path[:] = [p for p in sys.path if not p.rstrip('/').endswith('/common')];"
+    "assert importlib.util.find_spec('meddiff') is None, 'meddiff still importable';"
+    "sys.argv = ['monai.bundle'] + sys.argv[3:];"
+    "runpy.run_module('monai.bundle', run_name='__main__', alter_sys=True)"
+)
+
+
+def test_exported_bundle_runs_without_meddiff_installed(trained, tmp_path):
+    bundle, overrides = trained
+    exported = tmp_path / "exported"
+    subprocess.run([sys.executable, "-m", "meddiff.cli.main", "export", str(bundle), str(exported)], check=True,
+                   capture_output=True)
+    assert (exported / "meddiff" / "networks" / "pseudo3d_unet.py").is_file()
+    assert (exported / "models" / "diffusion_model.pt").is_file() and not (exported / "models" / "checkpoints").exists()
+    foreign = tmp_path / "elsewhere"
+    foreign.mkdir()
+    run_bundle(exported, "inference", {**overrides, "bundle_root": str(exported), "num_samples": "1",
+                                       "num_inference_steps": "2"},
+               launcher=[sys.executable, "-c", _WITHOUT_MEDDIFF], cwd=foreign)
+    assert nib.load(exported / "outputs" / "sample_000.nii.gz").shape == (16, 16, 16)
 
 
 def _nifti(path, array, affine=None):

@@ -15,8 +15,9 @@ from typing import Any
 import fire
 
 from ..data.errors import DataError
+from .breast import breast_demo, breast_experiment, breast_phantoms
 
-__all__ = ["COMMANDS", "datalist", "demo", "main"]
+__all__ = ["COMMANDS", "datalist", "demo", "export", "main"]
 
 logger = logging.getLogger("meddiff.cli")
 
@@ -75,10 +76,27 @@ def demo(output_dir: str = "demo_output", num_volumes: int = 8) -> str:
     return run_demo(output_dir=output_dir, num_volumes=num_volumes)
 
 
+def export(bundle_dir: str, output_dir: str, with_weights: bool = True) -> str:
+    """Copy a bundle with meddiff inside it, for MONAI Label or the model zoo (no pip install needed).
+
+    Args:
+        bundle_dir: the bundle folder.
+        output_dir: the new folder (must not exist).
+        with_weights: include ``models/*.pt`` and their JSON side files.
+    """
+    from .export import export_bundle
+
+    return export_bundle(bundle_dir, output_dir, with_weights=with_weights)
+
+
 #: command name -> function; extend this dict to add commands
 COMMANDS: dict[str, Callable[..., Any]] = {
     "datalist": datalist,
     "demo": demo,
+    "export": export,
+    "breast-phantoms": breast_phantoms,
+    "breast-experiment": breast_experiment,
+    "breast-demo": breast_demo,
 }
 
 
