@@ -8,6 +8,7 @@ import pydoc
 from pathlib import Path
 
 import pytest
+import torch
 from monai.bundle import ConfigParser, verify_metadata
 from monai.bundle.reference_resolver import ReferenceResolver
 
@@ -88,3 +89,19 @@ def test_metadata_matches_zoo_schema(bundle):
     verify_metadata(meta_file=str(meta), filepath=str(SCHEMAS / "meta_schema_generator_ldm_20240318.json"))
     content = json.loads(meta.read_text())
     assert content["version"] in content["changelog"], "the current version needs a changelog entry"
+
+
+def test_full_3d_monai_unet_is_selectable_by_config():
+    bundle = REPO / "bundles" / "mri_generative_diffusion" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "common.json"), str(bundle / "train_autoencoder.json"),
+                        str(bundle / "train_diffusion.json")])
+    parser.update({"diffusion_def": "@monai_unet_def", "unet_channels": [8, 16], "unet_attention_levels": [False, True],
+                   "unet_res_blocks": 1, "unet_head_channels": 8, "embedding_dim": 4})
+    net = parser.get_parsed_content("diffusion_def")
+    assert type(net).__name__ == "DiffusionModelUNet"
+    x = torch.randn(1, 4, 4, 4, 4)
+    assert net(x=x, timesteps=torch.tensor([3])).shape == x.shape
+    parser.update({"diffusion_def": "@pseudo3d_unet_def"})
+    parser.parse()
+    assert type(parser.get_parsed_content("diffusion_def")).__name__ == "Pseudo3DUNet"

@@ -131,7 +131,7 @@ class LatentDiffusionSampler:
             noise = torch.randn((1, *self.latent_shape), device=self.device)
             image = inferer.sample(input_noise=noise, autoencoder_model=self.autoencoder,
                                    diffusion_model=self.diffusion_model, scheduler=self.scheduler,
-                                   verbose=False)
+                                   verbose=self.progress)
         return image[0].clamp(-1.0, 1.0).float().cpu()
 
     def run(self) -> list[Path]:
