@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo_output
 PYTEST_ARGS ?=
-GENERATIVE_BUNDLES := mri_generative_diffusion
+GENERATIVE_BUNDLES := mri_generative_diffusion ct_generative_diffusion
 
 .PHONY: install demo test test-fast lint configs clean
 

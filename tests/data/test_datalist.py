@@ -14,7 +14,7 @@ import pytest
 from monai.data import load_decathlon_datalist
 
 from meddiff.cli.main import COMMANDS, main
-from meddiff.data import DataError, LoadVolumed, find_volumes, make_datalist, write_dicom_series
+from meddiff.data import DataError, LoadVolumed, find_volumes, load_or_make_datalist, make_datalist, write_dicom_series
 
 from .conftest import SHAPE, ct_volume, make_affine, save_nifti
 
@@ -139,3 +139,21 @@ def test_cli_in_process_error_exit(tmp_path: Path, caplog: pytest.LogCaptureFixt
         main(["datalist", str(tmp_path / "empty"), str(tmp_path / "out.json")])
     assert exit_info.value.code == 1
     assert "contains no volumes" in caplog.text
+
+
+def test_volume_finder_replaces_the_default_search(tree: Path, tmp_path: Path) -> None:
+    picked = [tree / "a.nii.gz", tree / "dicom" / "patient1" / "ct"]
+    calls: list[Path] = []
+
+    def finder(root: Path) -> list[Path]:
+        calls.append(root)
+        return picked
+
+    made = make_datalist(tree, tmp_path / "d.json", val_fraction=0.5, volume_finder=finder, verify=True)
+    assert calls == [tree]
+    assert sorted(i["image"] for i in made["training"] + made["validation"]) == ["a.nii.gz", "dicom/patient1/ct"]
+    split = load_or_make_datalist(tree, tmp_path / "e.json", volume_finder=finder)
+    assert sorted(i["image"] for i in split["training"] + split["validation"]) == sorted(str(p) for p in picked)
+    with pytest.raises(DataError, match="contains no volumes"):
+        make_datalist(tree, tmp_path / "f.json", volume_finder=lambda root: [])
+    assert not (tmp_path / "f.json").exists()

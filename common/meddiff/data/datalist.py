@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,10 @@ from ..utils.atomic import atomic_write_json
 from .errors import DataError
 from .readers import NIFTI_SUFFIXES, NPY_SUFFIXES, LoadVolume, _candidate_files, _has_suffix, verify_datalist
 
-__all__ = ["find_volumes", "make_datalist"]
+__all__ = ["find_volumes", "make_datalist", "load_or_make_datalist", "VolumeFinder"]
+
+#: finds the volumes under a data folder, e.g. :func:`find_volumes` or ``meddiff.data.find_ct_volumes``
+VolumeFinder = Callable[[Path], list[Path]]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ def make_datalist(
     relative: bool = True,
     npy_spacing: Sequence[float] | None = None,
     verify: bool = False,
+    volume_finder: VolumeFinder | None = None,
 ) -> dict[str, Any]:
     """Write a MONAI datalist JSON for the volumes under ``data_dir``.
 
@@ -106,6 +110,9 @@ def make_datalist(
         npy_spacing: voxel size ``(x, y, z)`` of ``.npy`` stacks, recorded in the ``meddiff`` section
             (and used by ``verify``).
         verify: also load every volume with :class:`~meddiff.data.LoadVolume` before writing.
+        volume_finder: called as ``volume_finder(data_dir)`` to list the volumes; default
+            :func:`find_volumes` (every volume). ``meddiff.data.find_ct_volumes`` picks one CT series
+            per patient in DICOM trees.
 
     Returns:
         The datalist dict that was written.
@@ -117,7 +124,7 @@ def make_datalist(
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     root = Path(data_dir)
-    volumes = find_volumes(root)
+    volumes = (volume_finder or find_volumes)(root)
     if not volumes:
         raise DataError(root, "contains no volumes (.nii, .nii.gz, .npy files or DICOM series folders)")
     if verify:
@@ -157,6 +164,7 @@ def load_or_make_datalist(
     val_fraction: float = 0.2,
     seed: int = 0,
     npy_spacing: Sequence[float] | None = None,
+    volume_finder: VolumeFinder | None = None,
 ) -> dict[str, list[dict[str, str]]]:
     """The training/validation split a workflow uses, with absolute paths.
 
@@ -171,6 +179,8 @@ def load_or_make_datalist(
         val_fraction: fraction of volumes for validation (only when the file is made).
         seed: seed of the split (only when the file is made).
         npy_spacing: voxel size of ``.npy`` stacks, for the check.
+        volume_finder: lists the volumes of ``data_dir`` (only when the file is made); default
+            :func:`find_volumes`.
 
     Returns:
         ``{"training": [{"image": abs_path}], "validation": [...]}``.
@@ -189,6 +199,6 @@ def load_or_make_datalist(
         logger.info("reusing the split in %s", path)
     else:
         datalist = make_datalist(root, path, val_fraction=val_fraction, seed=seed, relative=True,
-                                 npy_spacing=npy_spacing, verify=True)
+                                 npy_spacing=npy_spacing, verify=True, volume_finder=volume_finder)
     return {key: [{"image": str(root / item["image"])} for item in datalist[key]]
             for key in ("training", "validation")}

@@ -1,26 +1,60 @@
 # Copyright (c) meddiff contributors. Licensed under the Apache License, Version 2.0.
-"""Small real-MRI demo set, derived offline from the ICBM 2009a T1 template shipped in nilearn's wheel."""
+"""Small real-image demo sets, made offline.
+
+* MRI: NIfTI variants of the ICBM 2009a T1 template shipped in nilearn's wheel (:func:`make_brain_demo`).
+* CT: DICOM trees (patient / study / series, with decoy non-CT series) of variants of a real head CT atlas
+  shipped in this package, derived from TotalSegmentator's ``ct_brain_atlas_1mm.nii.gz`` (Apache-2.0;
+  :func:`make_ct_demo`, :func:`derive_ct_demo_source`).
+"""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
+import os
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import Affine, Spacing
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    BasicTextSRStorage,
+    ComputedRadiographyImageStorage,
+    ExplicitVRLittleEndian,
+    SegmentationStorage,
+    generate_uid,
+)
 
+from meddiff.data.dicom_writer import write_dicom_series
 from meddiff.sampling.writers import save_nifti
+from meddiff.utils.atomic import atomic_path
 
-__all__ = ["ICBM_T1_FILE", "icbm_t1_path", "make_brain_demo"]
+__all__ = [
+    "CT_HEAD_FILE",
+    "ICBM_T1_FILE",
+    "ct_head_path",
+    "derive_ct_demo_source",
+    "icbm_t1_path",
+    "make_brain_demo",
+    "make_ct_demo",
+    "write_decoy_series",
+]
 
 logger = logging.getLogger(__name__)
 
 ICBM_T1_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+#: real head CT in HU (int16, 2 mm), shipped in meddiff/data/resources (see the README there for its licence)
+CT_HEAD_FILE = "ct_head_atlas_2mm.nii.gz"
+#: Hounsfield units of air
+AIR_HU = -1000
 
 
 def icbm_t1_path() -> Path:
@@ -73,4 +107,191 @@ def make_brain_demo(output_dir: str | Path, num_volumes: int = 8, spacing: float
         volume = np.hypot(volume + rng.normal(0, sigma, shape), rng.normal(0, sigma, shape))
         written.append(save_nifti((volume * 1000).astype(np.float32), affine, out / f"brain_{i:02d}.nii.gz"))
     logger.info("wrote %d demo volumes (%s voxels, %.1f mm) to %s", num_volumes, tuple(shape), spacing, out)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- CT
+
+
+def ct_head_path() -> Path:
+    """Path of the shipped real head CT (``meddiff/data/resources/ct_head_atlas_2mm.nii.gz``)."""
+    path = Path(str(resources.files("meddiff.data") / "resources" / CT_HEAD_FILE))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from this meddiff installation (package data)")
+    return path
+
+
+def _outside(zero: torch.Tensor) -> torch.Tensor:
+    """Voxels of the boolean volume ``zero`` connected to the volume border through ``zero`` (6-neighbours)."""
+    grow = torch.zeros_like(zero)
+    for axis in range(3):
+        index = [slice(None)] * 3
+        for end in (0, -1):
+            index[axis] = end
+            grow[tuple(index)] = zero[tuple(index)]
+    kernel = torch.zeros(1, 1, 3, 3, 3)
+    kernel[0, 0, 1, 1, :] = kernel[0, 0, 1, :, 1] = kernel[0, 0, :, 1, 1] = 1.0
+    while True:
+        grown = (F.conv3d(grow[None, None].float(), kernel, padding=1)[0, 0] > 0) & zero
+        if torch.equal(grown, grow):
+            return grow
+        grow = grown
+
+
+def derive_ct_demo_source(
+    atlas: str | os.PathLike, output: str | os.PathLike, spacing: float = 2.0, margin_mm: float = 10.0
+) -> Path:
+    """Make the shipped demo CT from TotalSegmentator's ``resources/ct_brain_atlas_1mm.nii.gz`` (run once).
+
+    The atlas is a skull-stripped 1 mm head CT in HU whose background is stored as exactly 0. The
+    background (zeros connected to the volume border) is set to air (-1000 HU), the volume is resampled
+    to ``spacing`` mm (trilinear), cropped to the head plus ``margin_mm`` of air, rounded to int16.
+
+    Args:
+        atlas: the atlas file, e.g. unzipped from ``pip download TotalSegmentator --no-deps``.
+        output: the ``.nii.gz`` to write.
+        spacing: isotropic voxel size in mm.
+        margin_mm: air kept around the head.
+
+    Returns:
+        The written file.
+    """
+    src = nib.load(os.fspath(atlas))
+    data = torch.as_tensor(np.asarray(src.dataobj, dtype=np.float32))
+    data[_outside(data == 0)] = AIR_HU
+    image = MetaTensor(data[None], affine=torch.as_tensor(src.affine, dtype=torch.float64))
+    image = Spacing(pixdim=(spacing,) * 3, mode="bilinear", padding_mode="border")(image)
+    head = np.argwhere(np.asarray(image[0]) > AIR_HU / 2)
+    margin = int(math.ceil(margin_mm / spacing))
+    lo = np.maximum(head.min(0) - margin, 0)
+    hi = np.minimum(head.max(0) + margin + 1, image.shape[1:])
+    cropped = np.asarray(image[0])[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    affine = image.affine.numpy().astype(np.float64)
+    affine[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
+    out = save_nifti(np.rint(cropped), affine, output, dtype=np.int16)
+    logger.info("wrote %s: %s voxels of %.1f mm from %s", out, cropped.shape, spacing, atlas)
+    return out
+
+
+def _decoy_dataset(path: Path, sop_class: str, modality: str, patient_id: str, study_uid: str,
+                   description: str) -> FileDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    now = datetime.datetime.now()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID = f"DEMO^{patient_id}", patient_id
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1000, 1
+    ds.SeriesDescription = description
+    return ds
+
+
+def write_decoy_series(folder: str | os.PathLike, kind: str, patient_id: str, study_uid: str) -> Path:
+    """Write a one-file non-CT series of the kind found beside CT scans in LIDC-IDRI studies.
+
+    Args:
+        folder: the series folder to create (must not exist).
+        kind: ``"CR"`` (a chest radiograph: 2D image), ``"SR"`` (a text structured report, no pixels) or
+            ``"SEG"`` (a segmentation: multi-frame binary frames).
+        patient_id: PatientID shared with the patient's CT series.
+        study_uid: StudyInstanceUID shared with the patient's CT series.
+
+    Returns:
+        The written file.
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    folder = Path(folder)
+    path = folder / "000001.dcm"
+    if kind == "CR":
+        ds = _decoy_dataset(path, ComputedRadiographyImageStorage, "CR", patient_id, study_uid, "CHEST PA")
+        pixels = (np.add.outer(np.arange(32), np.arange(24)) * 40).astype(np.uint16)
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = pixels.shape
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelSpacing = ["1.0", "1.0"]
+        ds.PixelData = pixels.astype("<u2").tobytes()
+    elif kind == "SR":
+        ds = _decoy_dataset(path, BasicTextSRStorage, "SR", patient_id, study_uid, "Radiologist report")
+        ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
+        ds.ContinuityOfContent = "SEPARATE"
+    elif kind == "SEG":
+        ds = _decoy_dataset(path, SegmentationStorage, "SEG", patient_id, study_uid, "Nodule segmentation")
+        frames = np.zeros((4, 16, 16), dtype=np.uint8)
+        frames[:, 6:10, 6:10] = 1
+        ds.ImageType = ["DERIVED", "PRIMARY"]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.NumberOfFrames, ds.Rows, ds.Columns = frames.shape
+        ds.BitsAllocated = ds.BitsStored = 1
+        ds.HighBit, ds.PixelRepresentation, ds.SegmentationType = 0, 0, "BINARY"
+        ds.PixelData = np.packbits(frames.reshape(-1), bitorder="little").tobytes()
+    else:
+        raise ValueError(f"kind must be 'CR', 'SR' or 'SEG', got {kind!r}")
+    folder.mkdir(parents=True, exist_ok=False)
+    with atomic_path(path) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
+    return path
+
+
+def make_ct_demo(
+    output_dir: str | os.PathLike,
+    num_volumes: int = 8,
+    spacing: Sequence[float] = (2.0, 2.0, 3.0),
+    decoys: Sequence[str] = ("CR", "SR"),
+    seed: int = 0,
+) -> list[Path]:
+    """Write ``num_volumes`` variants of the shipped head CT as LIDC-IDRI-style DICOM trees.
+
+    Each variant gets a small random rigid motion and scaling and CT-like noise (Gaussian, 10 HU), is
+    resampled to ``spacing`` and written as ``CTDEMO-XX/study-1/ct-axial/`` (int16, RescaleIntercept
+    -1024, axial slices), next to one-file decoy series (``decoys``: chest radiograph, report,
+    segmentation) that the CT series selection must skip.
+
+    Args:
+        output_dir: folder for the patient folders (created).
+        num_volumes: number of patients.
+        spacing: voxel size of the written CT series (column, row, slice), mm.
+        decoys: kinds of decoy series per study (see :func:`write_decoy_series`).
+        seed: random seed of the variations.
+
+    Returns:
+        The CT series folders.
+    """
+    src = nib.load(ct_head_path())
+    image = MetaTensor(np.asarray(src.dataobj, dtype=np.float32)[None], affine=torch.as_tensor(src.affine))
+    image = Spacing(pixdim=tuple(float(s) for s in spacing), mode="bilinear", padding_mode="border")(image)
+    affine = image.affine.numpy()
+    rng = np.random.default_rng(seed)
+    out = Path(output_dir)
+    written = []
+    for i in range(num_volumes):
+        moved = Affine(
+            rotate_params=[math.radians(float(a)) for a in rng.uniform(-6, 6, 3)],
+            scale_params=[float(v) for v in rng.uniform(0.95, 1.05, 3)],
+            translate_params=[float(v) for v in rng.uniform(-1.5, 1.5, 3)],
+            padding_mode="zeros",
+            image_only=True,
+        )(image.clone() - AIR_HU) + AIR_HU  # pad with air
+        volume = np.asarray(moved[0]) + rng.normal(0.0, 10.0, moved.shape[1:])
+        patient_id = f"CTDEMO-{i:02d}"
+        study = out / patient_id / "study-1"
+        study_uid = generate_uid()
+        written.append(write_dicom_series(
+            np.clip(volume, -1024, 3071), affine, study / "ct-axial", modality="CT",
+            series_description="HEAD CT (demo, derived from TotalSegmentator atlas)", patient_name=f"DEMO^{i:02d}",
+            patient_id=patient_id, rescale_intercept=-1024.0, dtype=np.uint16,
+            extra={"StudyInstanceUID": study_uid, "KVP": "120"},
+        )[0].parent)
+        for kind in decoys:
+            write_decoy_series(study / f"{kind.lower()}-decoy", kind, patient_id, study_uid)
+    logger.info("wrote %d demo CT patients (%s voxels, %s mm) to %s", num_volumes, tuple(image.shape[1:]),
+                tuple(spacing), out)
     return written

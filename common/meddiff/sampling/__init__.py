@@ -3,7 +3,16 @@
 
 from __future__ import annotations
 
+from .dicom_output import SYNTHETIC_STATEMENT, DicomSeriesOutput
 from .latent_sampler import LatentDiffusionSampler, file_sha256
 from .writers import affine_from_geometry, save_mosaic_png, save_nifti
 
-__all__ = ["LatentDiffusionSampler", "file_sha256", "affine_from_geometry", "save_mosaic_png", "save_nifti"]
+__all__ = [
+    "DicomSeriesOutput",
+    "LatentDiffusionSampler",
+    "SYNTHETIC_STATEMENT",
+    "affine_from_geometry",
+    "file_sha256",
+    "save_mosaic_png",
+    "save_nifti",
+]
