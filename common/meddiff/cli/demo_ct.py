@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import logging
-import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from meddiff.cli.demo import run_stages
 from meddiff.data.demo import make_ct_demo
 
 __all__ = ["CT_DEMO_OVERRIDES", "CT_STAGES", "run_ct_demo"]
@@ -46,16 +44,6 @@ CT_STAGES: dict[str, dict[str, str]] = {
 }
 
 
-def _bundle_command(stage: str, overrides: dict[str, str]) -> list[str]:
-    configs = ["configs/common.json", "configs/train_autoencoder.json"]
-    if stage != "train_autoencoder":
-        configs.append(f"configs/{stage}.json")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs).replace(" ", "")]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", value]
-    return cmd
-
-
 def run_ct_demo(output_dir: str = "demo_output/ct", num_volumes: int = 8, bundle: str | None = None) -> str:
     """Write the demo DICOM trees, train the VQ-GAN and the DDPM briefly, sample, and return the samples folder.
 
@@ -83,12 +71,7 @@ def run_ct_demo(output_dir: str = "demo_output/ct", num_volumes: int = 8, bundle
         make_ct_demo(data_dir, num_volumes=num_volumes)
     common = {**CT_DEMO_OVERRIDES, "bundle_root": str(bundle_dir), "dataset_dir": str(data_dir),
               "ckpt_dir": str(out / "models"), "output_dir": str(out / "samples")}
-    for stage, stage_overrides in CT_STAGES.items():
-        cmd = _bundle_command(stage, {**common, **stage_overrides})
-        logger.info("running %s:\n  (cd %s && %s)", stage, bundle_dir, shlex.join(cmd))
-        # one thread: these tensors are tiny, and on a busy 2-core machine OpenMP threads mostly wait on each other
-        env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
-        subprocess.run(cmd, cwd=bundle_dir, check=True, env=env)
+    run_stages(bundle_dir, CT_STAGES, common)
     samples = out / "samples"
     logger.info("CT demo finished in %.0f s: synthetic CT (int16 NIfTI in HU, lung and soft-tissue PNG mosaics, "
                 "DICOM series marked synthetic) are in %s", time.perf_counter() - tic, samples)
