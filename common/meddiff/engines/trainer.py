@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import meddiff
 from meddiff.engines.sampler import ResumableSampler
-from meddiff.utils import atomic_torch_save, atomic_write_json
+from meddiff.utils import as_bool, atomic_torch_save, atomic_write_json
 
 __all__ = ["Trainer", "TrainerSettings", "rng_state", "set_rng_state"]
 
@@ -97,6 +97,8 @@ class TrainerSettings:
     tensorboard_dir: str | Path | None = None
 
     def __post_init__(self) -> None:
+        for arg in ("resume", "distributed", "amp", "progress"):
+            setattr(self, arg, as_bool(getattr(self, arg), arg))
         for arg in ("max_steps", "val_interval", "ckpt_interval", "keep_last", "log_interval"):
             if getattr(self, arg) < 1:
                 raise ValueError(f"{arg} must be >= 1, got {getattr(self, arg)}.")

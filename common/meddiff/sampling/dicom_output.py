@@ -22,6 +22,7 @@ import torch
 
 from meddiff.data.dicom_writer import write_dicom_series
 from meddiff.data.errors import DataError
+from meddiff.utils import as_bool
 
 __all__ = ["DicomSeriesOutput", "SYNTHETIC_STATEMENT"]
 
@@ -49,6 +50,7 @@ class DicomSeriesOutput:
         dtype: stored integer type (``"int16"``, ``"uint16"`` or ``"uint8"``).
         suffix: appended to the stem to name the series folder.
         overwrite: replace an existing series folder of the same name (else it is an error).
+        enabled: write nothing when false (a config switch such as ``write_dicom``).
         extra: further attributes by DICOM keyword for every slice (``ImageComments`` defaults to
             :data:`SYNTHETIC_STATEMENT`).
 
@@ -69,6 +71,7 @@ class DicomSeriesOutput:
         suffix: str = "_dicom",
         overwrite: bool = True,
         extra: Mapping[str, Any] | None = None,
+        enabled: bool | str = True,
     ) -> None:
         for name, value in (("series_description", series_description), ("patient_name", patient_name),
                             ("patient_id_prefix", patient_id_prefix)):
@@ -88,7 +91,8 @@ class DicomSeriesOutput:
         self.rescale_intercept = float(rescale_intercept)
         self.dtype = np.dtype(dtype)
         self.suffix = suffix
-        self.overwrite = overwrite
+        self.overwrite = as_bool(overwrite, "overwrite")
+        self.enabled = as_bool(enabled, "enabled")
         self.extra = {"ImageComments": SYNTHETIC_STATEMENT, **dict(extra or {})}
 
     def __call__(self, volume: torch.Tensor | np.ndarray, affine: np.ndarray, stem: str | os.PathLike) -> list[Path]:
@@ -100,11 +104,13 @@ class DicomSeriesOutput:
             stem: output path stem, e.g. ``outputs/sample_000``; the series goes to ``<stem><suffix>/``.
 
         Returns:
-            The slice files, in slice order.
+            The slice files, in slice order (none when disabled).
 
         Raises:
             DataError: bad volume or affine, or the folder exists and ``overwrite`` is off.
         """
+        if not self.enabled:
+            return []
         stem = Path(stem)
         folder = stem.with_name(stem.name + self.suffix)
         array = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)

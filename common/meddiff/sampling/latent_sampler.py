@@ -20,7 +20,7 @@ from tqdm import tqdm
 import meddiff
 from meddiff.sampling.writers import affine_from_geometry, save_mosaic_png, save_nifti
 from meddiff.transforms.intensity import scale_from_unit_range
-from meddiff.utils import atomic_write_json
+from meddiff.utils import as_bool, atomic_write_json
 
 __all__ = ["LatentDiffusionSampler", "file_sha256"]
 
@@ -119,7 +119,7 @@ class LatentDiffusionSampler:
         self.mosaic_windows = dict(mosaic_windows) if mosaic_windows else None
         self.extra_writers = list(extra_writers)
         self.weights_files = [Path(p) for p in weights_files]
-        self.progress = progress
+        self.progress = as_bool(progress, "progress")
 
     @torch.no_grad()
     def sample(self, index: int) -> torch.Tensor:
