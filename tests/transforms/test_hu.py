@@ -32,7 +32,8 @@ def test_defaults_window_and_outputs() -> None:
     assert window[0] <= -1000 and window[1] >= 240  # air (lung) and soft tissue fit inside
     assert parser.get_parsed_content("output_dtype") == "int16"
     assert parser.get_parsed_content("mosaic_windows") == {"lung": [-1350.0, 150.0], "soft_tissue": [-160.0, 240.0]}
-    assert parser.get_parsed_content("extra_output_writers") == []  # DICOM output is opt-in
+    writers = parser.get_parsed_content("extra_output_writers")
+    assert [w.enabled for w in writers] == [False]  # DICOM output is opt-in (--write_dicom true)
 
 
 def test_forward_then_inverse_within_one_hu() -> None:
