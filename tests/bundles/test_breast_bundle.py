@@ -21,7 +21,7 @@ from meddiff.data.phantoms import make_breast_phantom
 from meddiff.experiments.label_budget import ExperimentError, run_stage
 from tests.breast_helpers import BREAST_BUNDLE, BREAST_TINY, REPO, run_breast, write_breast_datasets
 
-SCHEMA = REPO.parent / "shared" / "zoo-schemas" / "meta_schema_20240725.json"
+SCHEMA = REPO / "tests" / "schemas" / "meta_schema_20240725.json"  # vendored copy of the zoo schema
 
 
 @pytest.fixture(scope="module")
