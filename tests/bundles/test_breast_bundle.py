@@ -47,7 +47,6 @@ def trained(workspace, pretrained):
     return root / "models", proc.stdout + proc.stderr
 
 
-@pytest.mark.skipif(not SCHEMA.is_file(), reason=f"model-zoo schema not found at {SCHEMA}")
 def test_metadata_follows_the_zoo_schema():
     verify_metadata(meta_file=str(BREAST_BUNDLE / "configs" / "metadata.json"), filepath=str(SCHEMA))
 
