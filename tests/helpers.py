@@ -20,7 +20,7 @@ TINY_OVERRIDES: dict[str, str] = {
     "discriminator_channels": "8",
     "discriminator_layers": "2",
     "unet_channels": "[8,16]",
-    "unet_attention_levels": "[false,true]",
+    "unet_attention_levels": "[False,True]",
     "unet_res_blocks": "1",
     "unet_head_channels": "8",
     "num_workers": "0",

@@ -76,6 +76,8 @@ def test_inference_writes_nifti_with_training_geometry(trained):
     assert [s["seed"] for s in manifest["samples"]] == [7, 8]
     assert set(manifest["weights"]) == {"autoencoder.pt", "diffusion_model.pt"}
     assert manifest["synthetic"] is True
+    lo, hi = manifest["latent_clip_range"]
+    assert lo < hi  # x0 estimates clipped to the training latents' range
     # the same seed gives the same volume
     run_bundle(bundle, "inference", {**overrides, "num_samples": "1", "num_inference_steps": "3",
                                      "sample_seed": "8", "output_dir": str(bundle / "again")})

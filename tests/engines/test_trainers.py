@@ -84,6 +84,8 @@ def test_ddpm_overfits_one_batch(tmp_path, prediction_type):
     info = json.loads((tmp_path / "diffusion_model.json").read_text())
     assert info["latent_shape"] == [4, 4, 4, 4] and info["prediction_type"] == prediction_type
     assert info["scale_factor"] == pytest.approx(trainer.scale_factor)
+    cached = torch.stack([item["image"] for item in trainer.train_loader.dataset])  # scaled training latents
+    assert [info["latent_min"], info["latent_max"]] == pytest.approx([cached.min().item(), cached.max().item()])
     # EMA weights, not the raw weights, are exported
     exported = torch.load(tmp_path / "diffusion_model.pt", weights_only=True)
     raw = trainer.diffusion_model.state_dict()

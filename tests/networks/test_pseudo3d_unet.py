@@ -235,3 +235,9 @@ def test_timesteps_batch_mismatch_raises():
     net = _net()
     with pytest.raises(ValueError, match="timesteps"):
         net(torch.randn(2, 1, 16, 16, 4), torch.tensor([1, 2, 3]))
+
+
+def test_attention_levels_from_command_line_strings():
+    """`--unet_attention_levels [false,true]` reaches the network as strings; they must not all count as true."""
+    net = Pseudo3DUNet(3, 4, 4, channels=(8, 16), attention_levels=["false", "true"], num_head_channels=8)
+    assert net.attention_levels == (False, True)

@@ -29,7 +29,7 @@ DEMO_OVERRIDES: dict[str, str] = {
     "embedding_dim": "4",
     "discriminator_channels": "16",
     "unet_channels": "[32,64]",
-    "unet_attention_levels": "[false,true]",
+    "unet_attention_levels": "[False,True]",
     "unet_res_blocks": "1",
     "unet_head_channels": "16",
     "num_workers": "0",

@@ -43,7 +43,8 @@ class DiffusionTrainer(Trainer):
     The autoencoder is deterministic and frozen and the pipeline has no random augmentation, so
     latents (quantised embeddings) are encoded once and cached. ``scale_factor`` defaults to
     ``1 / std`` of the training latents. Written beside the weights: ``<name>.json`` with the
-    scale factor, latent shape and prediction type that inference needs.
+    scale factor, latent shape, range of the scaled training latents and prediction type that
+    inference needs.
 
     Args:
         autoencoder: trained stage-1 model with ``encode_stage_2_inputs`` (frozen here).
@@ -98,6 +99,7 @@ class DiffusionTrainer(Trainer):
         self.scale_factor = scale_factor
         self.grad_clip = grad_clip
         self.latent_shape: list[int] = []
+        self.latent_range: list[float] = []
         self._val_latents: list[torch.Tensor] = []
 
     @torch.no_grad()
@@ -122,6 +124,8 @@ class DiffusionTrainer(Trainer):
         logger.info("cached %d training latents of shape %s; scale factor %.4f", len(latents), self.latent_shape,
                     self.scale_factor)
         latents = [z * self.scale_factor for z in latents]
+        stacked = torch.stack(latents)
+        self.latent_range = [float(stacked.min()), float(stacked.max())]
         dataset = _Latents(latents)
         old_sampler = loader.sampler
         sampler = ResumableSampler(dataset, shuffle=getattr(old_sampler, "shuffle", True),
@@ -189,6 +193,7 @@ class DiffusionTrainer(Trainer):
             atomic_write_json(
                 Path(self.ckpt_dir) / f"{self.name}.json",
                 {"scale_factor": self.scale_factor, "latent_shape": self.latent_shape,
+                 "latent_min": self.latent_range[0], "latent_max": self.latent_range[1],
                  "prediction_type": getattr(self.inferer.scheduler, "prediction_type", None),
                  "num_train_timesteps": self.prepare_batch.num_train_timesteps, "step": self.step,
                  "weights": "EMA"},

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from meddiff.utils import as_bool
+
 __all__ = ["Pseudo3DUNet"]
 
 
@@ -254,7 +256,7 @@ class Pseudo3DUNet(nn.Module):
             raise ValueError(f"channels must be a non-empty sequence of positive ints, got {channels}.")
         if norm_num_groups < 1 or any(c % norm_num_groups for c in channels):
             raise ValueError(f"channels {channels} must all be divisible by norm_num_groups={norm_num_groups}.")
-        attention_levels = tuple(bool(a) for a in attention_levels)
+        attention_levels = tuple(as_bool(a, "attention_levels") for a in attention_levels)
         if len(attention_levels) != len(channels):
             raise ValueError(
                 f"attention_levels must have one entry per level of channels: "

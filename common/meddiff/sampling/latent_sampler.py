@@ -67,6 +67,10 @@ class LatentDiffusionSampler:
             volume (1, X, Y, Z) in output units and the path stem (e.g. a DICOM series writer).
         weights_files: files whose SHA-256 goes into ``samples.json``.
         progress: show progress bars.
+        clip_latents: clip the scheduler's x0 estimate at every step to the range of the scaled
+            training latents (``latent_min``/``latent_max`` in ``latent_info``), as the paper's code
+            clamps its normalised latents; without it an imperfect denoiser's x0 estimates at the
+            noisiest steps blow up.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class LatentDiffusionSampler:
         extra_writers: Sequence[Callable[[torch.Tensor, np.ndarray, Path], Any]] = (),
         weights_files: Sequence[str | Path] = (),
         progress: bool = True,
+        clip_latents: bool = True,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
@@ -120,6 +125,14 @@ class LatentDiffusionSampler:
         self.extra_writers = list(extra_writers)
         self.weights_files = [Path(p) for p in weights_files]
         self.progress = as_bool(progress, "progress")
+        self.latent_range = None
+        if as_bool(clip_latents, "clip_latents") and "latent_min" in latent_info:
+            self.latent_range = [float(latent_info["latent_min"]), float(latent_info["latent_max"])]
+            if hasattr(scheduler, "clip_sample_values"):
+                scheduler.clip_sample = True
+                scheduler.clip_sample_values = list(self.latent_range)
+            else:
+                raise ValueError(f"clip_latents needs a scheduler with clip_sample_values, got {type(scheduler).__name__}")
 
     @torch.no_grad()
     def sample(self, index: int) -> torch.Tensor:
@@ -166,6 +179,7 @@ class LatentDiffusionSampler:
             "num_inference_steps": self.num_inference_steps,
             "scale_factor": self.scale_factor,
             "latent_shape": self.latent_shape,
+            "latent_clip_range": self.latent_range,
             "spacing": self.spacing,
             "axcodes": self.axcodes,
             "weights": {p.name: file_sha256(p) for p in self.weights_files if p.is_file()},
