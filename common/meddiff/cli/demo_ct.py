@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from meddiff.cli.demo import run_stages
+from meddiff.cli.demo import DEMO_OVERRIDES, run_stages
 from meddiff.data.demo import make_ct_demo
 
 __all__ = ["CT_DEMO_OVERRIDES", "CT_STAGES", "run_ct_demo"]
@@ -20,19 +20,11 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 # 32^3 volumes of 5.5 mm (the whole head), 8x downsampling to 4^3 latents, small networks and short
 # schedules: about 140 s of CPU time in single-threaded workflows, under 3 minutes on 2 CPU cores.
 CT_DEMO_OVERRIDES: dict[str, str] = {
-    "pixdim": "[5.5,5.5,5.5]",
+    **DEMO_OVERRIDES,  # the MRI demo's networks, except where CT's 8x downsampling differs
     "spatial_size": "[32,32,32]",
     "autoencoder_channels": "[8,16,32]",
-    "autoencoder_res_layers": "1",
-    "codebook_size": "256",
-    "embedding_dim": "4",
     "discriminator_channels": "8",
     "discriminator_layers": "2",
-    "unet_channels": "[32,64]",
-    "unet_attention_levels": "[False,True]",
-    "unet_res_blocks": "1",
-    "unet_head_channels": "16",
-    "num_workers": "0",
     "log_interval": "50",
 }
 CT_STAGES: dict[str, dict[str, str]] = {
