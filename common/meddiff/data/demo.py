@@ -57,6 +57,17 @@ CT_HEAD_FILE = "ct_head_atlas_2mm.nii.gz"
 AIR_HU = -1000
 
 
+def _random_rigid(image: MetaTensor, rng: np.random.Generator) -> MetaTensor:
+    """A copy of ``image`` under a small random rotation (±6°), scaling (±5 %) and shift (±1.5 voxels), zero-padded."""
+    return Affine(
+        rotate_params=[math.radians(float(a)) for a in rng.uniform(-6, 6, 3)],
+        scale_params=[float(v) for v in rng.uniform(0.95, 1.05, 3)],
+        translate_params=[float(v) for v in rng.uniform(-1.5, 1.5, 3)],
+        padding_mode="zeros",
+        image_only=True,
+    )(image.clone())
+
+
 def icbm_t1_path() -> Path:
     """Path of the ICBM152 2009a T1 template inside the installed nilearn package (no download)."""
     try:
@@ -92,13 +103,7 @@ def make_brain_demo(output_dir: str | Path, num_volumes: int = 8, spacing: float
     shape = resampled.shape[1:]
     grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
     for i in range(num_volumes):
-        moved = Affine(
-            rotate_params=[math.radians(float(a)) for a in rng.uniform(-6, 6, 3)],
-            scale_params=[float(v) for v in rng.uniform(0.95, 1.05, 3)],
-            translate_params=[float(v) for v in rng.uniform(-1.5, 1.5, 3)],
-            padding_mode="zeros",
-            image_only=True,
-        )(resampled.clone())
+        moved = _random_rigid(resampled, rng)
         volume = np.clip(np.asarray(moved[0]), 0, None)
         volume = volume / max(volume.max(), 1e-6)
         bias = np.exp(sum(c * g for c, g in zip(rng.uniform(-0.25, 0.25, 3), grids)))
@@ -273,13 +278,7 @@ def make_ct_demo(
     out = Path(output_dir)
     written = []
     for i in range(num_volumes):
-        moved = Affine(
-            rotate_params=[math.radians(float(a)) for a in rng.uniform(-6, 6, 3)],
-            scale_params=[float(v) for v in rng.uniform(0.95, 1.05, 3)],
-            translate_params=[float(v) for v in rng.uniform(-1.5, 1.5, 3)],
-            padding_mode="zeros",
-            image_only=True,
-        )(image.clone() - AIR_HU) + AIR_HU  # pad with air
+        moved = _random_rigid(image - AIR_HU, rng) + AIR_HU  # pad with air
         volume = np.asarray(moved[0]) + rng.normal(0.0, 10.0, moved.shape[1:])
         patient_id = f"CTDEMO-{i:02d}"
         study = out / patient_id / "study-1"
