@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader
 
 from meddiff.engines.segmentation_trainer import plain_tensor
 from meddiff.engines.trainer import Trainer, TrainerSettings, _unwrap
-from meddiff.engines.transform_state import set_transform_rng_state, transform_rng_state
 
 __all__ = ["PRETEXTS", "ContrastivePretext", "PretextTrainer", "RestorationPretext", "make_pretext", "nt_xent_loss"]
 
@@ -248,12 +247,6 @@ class PretextTrainer(Trainer):
 
     def export_weights(self) -> dict[str, dict[str, torch.Tensor]]:
         return {self.weights_name: _unwrap(self.network).state_dict()}
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"transforms_rng": transform_rng_state(self.train_loader)}
-
-    def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        set_transform_rng_state(self.train_loader, state.get("transforms_rng", []))
 
 
 class _PretextModel(nn.Module):

@@ -23,7 +23,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from meddiff.engines.trainer import Trainer, TrainerSettings, _unwrap
-from meddiff.engines.transform_state import set_transform_rng_state, transform_rng_state
 from meddiff.utils import atomic_path, atomic_torch_save
 
 __all__ = ["SegmentationTrainer", "plain_tensor"]
@@ -133,12 +132,6 @@ class SegmentationTrainer(Trainer):
 
     def export_weights(self) -> dict[str, dict[str, torch.Tensor]]:
         return {self.weights_name: _unwrap(self.network).state_dict()}
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"transforms_rng": transform_rng_state(self.train_loader)}
-
-    def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        set_transform_rng_state(self.train_loader, state.get("transforms_rng", []))
 
     def run(self) -> dict[str, float]:
         """Train (see :meth:`Trainer.run`), then put the final weights in place (see the class docstring)."""

@@ -2,7 +2,7 @@
 """Step-based training loop shared by the VQ-GAN and diffusion stages.
 
 Owns what both stages need and MONAI's engines do not give together: exact resume (model,
-optimiser, LR schedule, step, data position, EMA and RNG state), the last N checkpoints plus the
+optimiser, LR schedule, step, data position, EMA, RNG and random-transform state), the last N checkpoints plus the
 best one, plain weight files for downstream configs, DDP, progress and a JSON-lines log.
 """
 
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import meddiff
 from meddiff.engines.sampler import ResumableSampler
+from meddiff.engines.transform_state import set_transform_rng_state, transform_rng_state
 from meddiff.utils import as_bool, atomic_torch_save, atomic_write_json
 
 __all__ = ["Trainer", "TrainerSettings", "rng_state", "set_rng_state"]
@@ -241,6 +242,7 @@ class Trainer:
                 "modules": {k: v.state_dict() for k, v in self.state_modules().items()},
                 "extra": self.extra_state(),
                 "rng": rng_state(),
+                "transforms_rng": transform_rng_state(self.train_loader),
                 "meta": {"meddiff_version": meddiff.__version__, "torch_version": str(torch.__version__),
                          "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
             }
@@ -254,7 +256,7 @@ class Trainer:
             dist.barrier()
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore everything :meth:`save_checkpoint` wrote except the RNG state (see :meth:`run`)."""
+        """Restore everything :meth:`save_checkpoint` wrote except the global RNG state (see :meth:`run`)."""
         state = torch.load(path, map_location=self.device, weights_only=True)
         modules = self.state_modules()
         missing = set(modules) - set(state["modules"])
@@ -269,6 +271,7 @@ class Trainer:
         if self.batch_in_epoch >= len(self.train_loader):  # saved at an epoch's end
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self.load_extra_state(state["extra"])
+        set_transform_rng_state(self.train_loader, state.get("transforms_rng", []))
         self._resume_rng = state["rng"]
         logger.info("resumed %s from %s at step %d", self.name, path, self.step)
 
