@@ -1,5 +1,5 @@
 # Copyright (c) meddiff contributors. Licensed under the Apache License, Version 2.0.
-"""Tests for meddiff.sampling.writers (NIfTI, PNG mosaic, affines)."""
+"""Tests for meddiff.data.writers (NIfTI, PNG mosaic, affines), also re-exported by meddiff.sampling."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from monai.data import MetaTensor, NibabelReader
 from monai.transforms import LoadImage
 from PIL import Image
 
-from meddiff.sampling import affine_from_geometry, save_mosaic_png, save_nifti
-from meddiff.sampling import writers as writers_mod
+from meddiff.data import writers as writers_mod
+from meddiff.data.writers import affine_from_geometry, save_mosaic_png, save_nifti
 
 
 def _load(path: Path) -> MetaTensor:

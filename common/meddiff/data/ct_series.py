@@ -6,9 +6,11 @@ A study often holds more than the CT scan: chest X-rays (CR/DX), segmentations (
 only DICOM headers (``stop_before_pixels``):
 
 1. A series (one folder; a folder holding several series is an error if any of them is CT) is a
-   *candidate* when its Modality is ``CT``, it is single-frame, not a localizer/scout (ImageType
-   ``LOCALIZER``), has ImagePositionPatient/ImageOrientationPatient, is axial (slice normal within about
-   25 degrees of the patient's head-foot axis, ``|normal_z| >= 0.9``) and has at least ``min_slices`` slices.
+   *candidate* when its Modality is ``CT``, it is CT Image Storage (single-frame slices) or Enhanced /
+   Legacy Converted Enhanced CT Image Storage (one multi-frame file, each frame a slice), not a
+   localizer/scout (ImageType ``LOCALIZER``), has ImagePositionPatient/ImageOrientationPatient (for
+   multi-frame files, in the functional groups), is axial (slice normal within about 25 degrees of the
+   patient's head-foot axis, ``|normal_z| >= 0.9``) and has at least ``min_slices`` slices.
 2. The candidate with the **most slices** wins; ties go to the thinner SliceThickness, then the lower
    SeriesNumber, then the folder name, so the choice is deterministic.
 3. Every other series is logged (INFO) with the reason it was skipped. A patient without a candidate is a
@@ -16,7 +18,8 @@ only DICOM headers (``stop_before_pixels``):
 
 The chosen series is not fully checked here: :func:`~meddiff.data.dicom_series_info` (run by
 :class:`~meddiff.data.LoadVolume` when a datalist is verified, or here with ``check=True``) rejects
-truncated files, missing or duplicated slice positions and inconsistent spacing, naming the file.
+truncated files, missing or duplicated slice positions and inconsistent spacing, naming the file
+(the reading rules are in :func:`~meddiff.data.dicom_series_info`).
 
 :func:`find_ct_volumes` is the datalist's view of a whole data folder: DICOM series are grouped into
 patients by PatientID within each top-level entry of the folder, one series is selected per patient,
@@ -33,11 +36,19 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.uid import CTImageStorage
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage
 
 from .datalist import find_volumes
 from .errors import DataError
-from .readers import NIFTI_SUFFIXES, _candidate_files, _has_suffix, dicom_series_info
+from .readers import (
+    NIFTI_SUFFIXES,
+    _candidate_files,
+    _frame_value,
+    _has_suffix,
+    dicom_series_info,
+    frame_geometry,
+    is_multiframe,
+)
 
 __all__ = ["CTSeriesSummary", "find_ct_volumes", "select_ct_series", "summarize_dicom_folder"]
 
@@ -56,6 +67,7 @@ class CTSeriesSummary:
         series_instance_uid: SeriesInstanceUID.
         modality: Modality (e.g. ``"CT"``, ``"CR"``, ``"SEG"``, ``"SR"``).
         num_files: number of DICOM files (instances) of the series.
+        num_slices: number of slices (frames of a multi-frame file; else ``num_files``).
         patient_id: PatientID of the first file (may be empty).
         series_description: SeriesDescription (may be empty).
         series_number: SeriesNumber, or a large number when absent.
@@ -72,10 +84,16 @@ class CTSeriesSummary:
     series_number: int
     slice_thickness: float
     reason: str | None = None
+    num_slices: int = 0
+
+    def __post_init__(self) -> None:
+        self.num_slices = self.num_slices or self.num_files
 
     def describe(self) -> str:
         """One-line description for logs and error messages."""
         files = f"{self.num_files} file{'s' if self.num_files != 1 else ''}"
+        if self.num_slices != self.num_files:
+            files += f", {self.num_slices} frames"
         text = f"{self.folder} ({self.modality or '?'}, {files}"
         return text + (f", '{self.series_description}')" if self.series_description else ")")
 
@@ -113,31 +131,41 @@ def _as_float(value: object, default: float) -> float:
     return result if np.isfinite(result) else default
 
 
+_ENHANCED_CT = (EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
+
+
+def _num_slices(first: pydicom.Dataset, num_files: int) -> int:
+    """Slices of a series: the frames of a multi-frame file, else one per file."""
+    return _as_int(first.get("NumberOfFrames", 1) or 1, 1) if num_files == 1 and is_multiframe(first) else num_files
+
+
 def _reason(first: pydicom.Dataset, num_files: int, min_slices: int) -> str | None:
     """Why a single-series folder is not a CT candidate (``None``: it is one). See the module docstring."""
     modality = str(first.get("Modality", "")).upper()
     if modality != "CT":
         return f"modality {modality or 'missing'}, not CT"
     frames = _as_int(first.get("NumberOfFrames", 1) or 1, 1)
-    if frames > 1 or str(first.get("SOPClassUID", "")) not in ("", CTImageStorage):
-        return f"not single-frame CT Image Storage (SOP class {first.get('SOPClassUID', '?')}, {frames} frames)"
+    sop_class = str(first.get("SOPClassUID", ""))
+    if sop_class in _ENHANCED_CT:
+        if num_files != 1:
+            return f"{num_files} multi-frame Enhanced CT files in one folder (expected one file per series)"
+    elif is_multiframe(first) or sop_class not in ("", CTImageStorage):
+        return (f"not CT Image Storage or Enhanced CT Image Storage (SOP class {first.get('SOPClassUID', '?')}, "
+                f"{frames} frames)")
     image_type = first.get("ImageType") or []
     image_type = [str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)]
     if "LOCALIZER" in image_type:
         return "localizer/scout image (ImageType LOCALIZER)"
-    if "ImagePositionPatient" not in first or "ImageOrientationPatient" not in first:
-        return "no ImagePositionPatient/ImageOrientationPatient"
     try:
-        iop = np.asarray([float(v) for v in first.ImageOrientationPatient], dtype=np.float64)
-        normal = np.cross(iop[:3], iop[3:])
-    except (TypeError, ValueError):
-        return f"unreadable ImageOrientationPatient {first.ImageOrientationPatient!r}"
-    if not np.isfinite(normal).all() or abs(np.linalg.norm(normal) - 1.0) > 1e-3:
-        return f"invalid ImageOrientationPatient {iop.tolist()}"
+        _, iop, _ = frame_geometry(Path(str(first.filename or "?")), first)
+    except DataError as e:
+        return e.problem
+    normal = np.cross(iop[:3], iop[3:])
     if abs(normal[2]) < AXIAL_MIN_COSINE:
         return f"not axial (slice normal {np.round(normal, 3).tolist()})"
-    if num_files < min_slices:
-        return f"only {num_files} slices (fewer than min_slices={min_slices})"
+    num_slices = _num_slices(first, num_files)
+    if num_slices < min_slices:
+        return f"only {num_slices} slices (fewer than min_slices={min_slices})"
     return None
 
 
@@ -185,8 +213,12 @@ def summarize_dicom_folder(folder: str | os.PathLike, min_slices: int = 16) -> C
         patient_id=str(first.get("PatientID", "") or "").strip(),
         series_description=str(first.get("SeriesDescription", "") or ""),
         series_number=_as_int(first.get("SeriesNumber"), 1 << 30),
-        slice_thickness=_as_float(first.get("SliceThickness"), float("inf")),
+        slice_thickness=_as_float(
+            first.get("SliceThickness") or _frame_value(first, 0, "PixelMeasuresSequence", "SliceThickness"),
+            float("inf"),
+        ),
         reason=reason if reason is not None else _reason(first, num_files, min_slices),
+        num_slices=_num_slices(first, num_files),
     )
 
 
@@ -201,7 +233,7 @@ def _choose(patient_dir: Path, series: Sequence[CTSeriesSummary], patient_id: st
     if not candidates:
         listing = "; ".join(f"{s.describe()}: {s.reason}" for s in series) or "no DICOM series found"
         raise DataError(patient_dir, f"{who} has no usable axial CT series: {listing}")
-    chosen = min(candidates, key=lambda s: (-s.num_files, s.slice_thickness, s.series_number, str(s.folder)))
+    chosen = min(candidates, key=lambda s: (-s.num_slices, s.slice_thickness, s.series_number, str(s.folder)))
     logger.info("%s (%s): using CT series %s", patient_dir, who, chosen.describe())
     for s in series:
         if s is not chosen:

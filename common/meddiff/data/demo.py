@@ -34,7 +34,7 @@ from pydicom.uid import (
 )
 
 from meddiff.data.dicom_writer import write_dicom_series
-from meddiff.sampling.writers import save_nifti
+from meddiff.data.writers import save_nifti
 from meddiff.utils.atomic import atomic_path
 
 __all__ = [

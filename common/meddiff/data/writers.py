@@ -1,5 +1,8 @@
 # Copyright (c) meddiff contributors. Licensed under the Apache License, Version 2.0.
-"""Output writers of the inference workflows: NIfTI volumes, PNG slice mosaics, and affines from geometry.
+"""File writers shared by data preparation and inference: NIfTI volumes, PNG slice mosaics, affines from geometry.
+
+They live in :mod:`meddiff.data` so that data tools (demo sets) and the sampling workflows both use them
+without ``meddiff.data`` importing ``meddiff.sampling`` (sampling imports data, never the reverse).
 
 Affines follow MONAI's convention for images read by ``LoadImage`` (``NibabelReader``, or ``ITKReader`` with its
 default ``affine_lps_to_ras=True``): a 4x4 voxel-to-world matrix in RAS+ world coordinates, which is also NIfTI's
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from meddiff.utils.atomic import atomic_path
+from ..utils.atomic import atomic_path
 
 __all__ = ["affine_from_geometry", "save_mosaic_png", "save_nifti"]
 
