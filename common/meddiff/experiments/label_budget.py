@@ -7,7 +7,8 @@ scratch and from the self-supervised pre-trained weights (pre-training on the sy
 once). Each model is evaluated on the same fixed test set. Results:
 
 * ``runs/n<NNN>_seed<S>_<init>/result.json`` per run (a run with this file is never redone, so an
-  interrupted experiment resumes where it stopped; unfinished training resumes from its checkpoints);
+  interrupted experiment resumes where it stopped; unfinished training resumes exactly from its checkpoints,
+  ``resume`` is on for every stage);
 * ``results.csv`` (one row per run), ``per_case.csv`` (one row per run and test case);
 * ``summary.csv`` per budget: mean Dice per initialisation with a 95% t confidence interval over
   seeds, the paired difference, a Wilcoxon signed-rank test over (seed, test case) pairs and a
@@ -55,9 +56,10 @@ logger = logging.getLogger(__name__)
 
 #: workflow -> config files merged in this order (relative to the bundle)
 STAGE_CONFIGS: dict[str, list[str]] = {
-    "pretrain": ["configs/inference.json", "configs/common.json", "configs/pretrain.json"],
-    "train": ["configs/inference.json", "configs/common.json", "configs/train.json"],
-    "evaluate": ["configs/inference.json", "configs/common.json", "configs/evaluate.json"],
+    "pretrain": ["configs/train.json", "configs/pretrain.json"],
+    "train": ["configs/train.json"],
+    "evaluate": ["configs/inference.json", "configs/evaluate.json"],
+    "inference": ["configs/inference.json"],
 }
 #: initialisation name -> legend label
 INITS: dict[str, str] = {"scratch": "from scratch", "pretrained": "synthetic pre-training"}
@@ -82,7 +84,7 @@ def stage_command(bundle: str | os.PathLike, stage: str, overrides: Mapping[str,
 
     Args:
         bundle: the bundle folder.
-        stage: ``"pretrain"``, ``"train"`` or ``"evaluate"``.
+        stage: ``"pretrain"``, ``"train"``, ``"evaluate"`` or ``"inference"``.
         overrides: config ids and values.
 
     Returns:
@@ -103,7 +105,7 @@ def run_stage(
 
     Args:
         bundle: the bundle folder.
-        stage: ``"pretrain"``, ``"train"`` or ``"evaluate"``.
+        stage: ``"pretrain"``, ``"train"``, ``"evaluate"`` or ``"inference"``.
         overrides: config ids and values.
         launcher: ``"subprocess"`` (``python -m monai.bundle run``, output appended to ``log_file``) or
             ``"inprocess"`` (``monai.bundle.run`` in this process).
@@ -406,7 +408,7 @@ def run_label_budget_experiment(
             tic = time.perf_counter()
             run_stage(bundle_dir, "pretrain", {**common, **stage_extra["pretrain"],
                                                "dataset_dir": str(Path(unlabelled_dir).resolve()),
-                                               "ckpt_dir": str(out / "pretrain")},
+                                               "ckpt_dir": str(out / "pretrain"), "resume": True},
                       launcher=launcher, log_file=out / "pretrain" / "pretrain.log")
             atomic_write_json(done, {"weights": str(weights), "seconds": time.perf_counter() - tic})
     elif not weights.is_file():
@@ -437,7 +439,7 @@ def run_label_budget_experiment(
                 run_stage(bundle_dir, "train", {**common, **stage_extra["train"], "seed": int(seed),
                                                 "dataset_dir": str(run_dir),
                                                 "datalist_file": str(run_dir / "datalist.json"),
-                                                "ckpt_dir": str(run_dir / "models"),
+                                                "ckpt_dir": str(run_dir / "models"), "resume": True,
                                                 "pretrained_weights": str(weights) if init == "pretrained" else None},
                           launcher=launcher, log_file=run_dir / "train.log")
                 train_s = time.perf_counter() - tic
