@@ -1,99 +1,99 @@
 # Copyright (c) meddiff contributors. Licensed under the Apache License, Version 2.0.
-"""`meddiff demo`: the whole MRI pipeline at small size on real MRI, through the bundle CLI."""
+"""`meddiff demo`: sample the generation bundles' shipped demo weights (seconds), or retrain them (``train=True``).
+
+Both paths go through the bundle CLI (``python -m monai.bundle run``) with the bundle's demo overlay
+(``configs/demo_brain.json``: 64^3 at 3 mm, VQ-GAN with 4x compression, pseudo-3D denoiser 16 * [1, 2, 4, 8]).
+"""
 
 from __future__ import annotations
 
 import logging
-import os
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from meddiff.cli.stages import REPO_ROOT, check_shipped_weights, run_stages, trained_weights
 from meddiff.data.demo import make_brain_demo
 
-__all__ = ["DEMO_OVERRIDES", "STAGES", "run_demo", "run_mri_demo", "run_stages"]
+__all__ = [
+    "MRI_DATA_SPACING",
+    "MRI_OVERLAY",
+    "MRI_SHIPPED",
+    "MRI_TRAIN_STAGES",
+    "SAMPLE_STAGE",
+    "TRAIN_OVERRIDES",
+    "run_demo",
+    "run_mri_demo",
+]
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-
-# Small networks and short schedules so the demo finishes in minutes on 2 CPU cores.
-DEMO_OVERRIDES: dict[str, str] = {
-    "pixdim": "[5.5,5.5,5.5]",
-    "spatial_size": "[32,40,32]",
-    "autoencoder_channels": "[32,64]",
-    "autoencoder_res_layers": "1",
-    "codebook_size": "256",
-    "embedding_dim": "4",
-    "discriminator_channels": "16",
-    "unet_channels": "[32,64]",
-    "unet_attention_levels": "[False,True]",
-    "unet_res_blocks": "1",
-    "unet_head_channels": "16",
-    "num_workers": "0",
-    "log_interval": "25",
-}
-STAGES = {
+#: geometry and network sizes of the shipped demo weights, appended after each workflow's configs
+MRI_OVERLAY = "configs/demo_brain.json"
+#: files in ``bundles/mri_generative_diffusion/models`` the sampling demo needs
+MRI_SHIPPED = ("model_autoencoder.pt", "model.pt", "model.json")
+#: voxel size of the demo data (mm): the ICBM 2009a head fills 64^3
+MRI_DATA_SPACING = 3.0
+#: overrides of every training stage (network sizes come from the overlay)
+TRAIN_OVERRIDES: dict[str, str] = {"num_workers": "0", "log_interval": "50", "progress": "false"}
+#: sampling: two volumes with the bundle's default sampler (10 rectified-flow steps, bench/README.md)
+SAMPLE_STAGE: dict[str, dict[str, str]] = {"inference": {"num_samples": "2", "progress": "false"}}
+#: the schedules the shipped MRI weights were trained with (bundles/mri_generative_diffusion/docs/README.md)
+MRI_TRAIN_STAGES: dict[str, dict[str, str]] = {
     # the GAN phase needs far more steps than a demo has to help; the tests exercise it
-    "train_autoencoder": {"max_steps": "300", "adversarial_start_step": "1000000", "autoencoder_lr": "0.001",
-                          "val_interval": "100", "ckpt_interval": "300"},
-    "train_diffusion": {"max_steps": "400", "batch_size": "4", "ema_start_step": "100", "val_interval": "200",
-                        "ckpt_interval": "200", "warmup_steps": "50", "diffusion_lr": "0.0005"},
-    "inference": {"num_samples": "2", "num_inference_steps": "50"},
+    "train_autoencoder": {"max_steps": "500", "adversarial_start_step": "1000000", "autoencoder_lr": "0.001",
+                          "val_interval": "250", "ckpt_interval": "250"},
+    "train_diffusion": {"max_steps": "6000", "batch_size": "4", "ema_start_step": "500", "ema_update_every": "1",
+                        "val_interval": "500",
+                        "ckpt_interval": "250", "warmup_steps": "100", "diffusion_lr": "0.0008"},
+    **SAMPLE_STAGE,
 }
 
 
-def run_stages(bundle_dir: Path, stages: dict[str, dict[str, str]], overrides: dict[str, str]) -> None:
-    """Run the generation bundle's workflows in order through ``python -m monai.bundle run``.
-
-    Each stage is merged over ``train_autoencoder.json`` as the bundle docs describe; every command
-    is logged so it can be rerun by hand.
-
-    Raises:
-        subprocess.CalledProcessError: a workflow failed (its output is above the error).
-    """
-    for stage, stage_overrides in stages.items():
-        configs = ["configs/common.json", "configs/train_autoencoder.json"]
-        if stage != "train_autoencoder":
-            configs.append(f"configs/{stage}.json")
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs).replace(" ", "")]
-        for key, value in {**overrides, **stage_overrides}.items():
-            cmd += [f"--{key}", value]
-        logger.info("running %s:\n  (cd %s && %s)", stage, bundle_dir, shlex.join(cmd))
-        # one thread: the demo's tensors are tiny, and on a busy 2-core machine OpenMP threads mostly wait
-        env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
-        subprocess.run(cmd, cwd=bundle_dir, check=True, env=env)
-
-
-def run_mri_demo(output_dir: str = "demo_output/mri", num_volumes: int = 8, bundle: str | None = None) -> str:
-    """Build the MRI demo data, train the VQ-GAN and the DDPM briefly, sample, and return the samples folder.
+def run_mri_demo(output_dir: str = "demo_output/mri", num_volumes: int = 8, bundle: str | None = None,
+                 train: bool = False) -> str:
+    """Sample the MRI bundle's shipped demo weights, or (``train``) make the demo data, retrain and sample.
 
     Args:
-        output_dir: folder for data, checkpoints and samples (created).
-        num_volumes: number of demo MRI volumes derived from the ICBM 2009a template.
+        output_dir: folder for the samples (and, when training, the data and checkpoints); created.
+        num_volumes: number of demo MRI volumes derived from the ICBM 2009a template (training only).
         bundle: bundle folder (default: the repository's ``bundles/mri_generative_diffusion``).
+        train: retrain the VQ-GAN and the denoiser first (tens of minutes on a CPU) instead of using the shipped
+            weights.
+
+    Returns:
+        The samples folder.
+
+    Raises:
+        FileNotFoundError: sampling without the shipped weights in the bundle.
+        subprocess.CalledProcessError: a workflow failed (its output is above the error).
     """
     out = Path(output_dir).resolve()
     bundle_dir = Path(bundle) if bundle else REPO_ROOT / "bundles" / "mri_generative_diffusion"
-    data_dir = out / "data"
-    tic = time.perf_counter()
-    make_brain_demo(data_dir, num_volumes=num_volumes)
-    run_stages(bundle_dir, STAGES, {**DEMO_OVERRIDES, "bundle_root": str(bundle_dir), "dataset_dir": str(data_dir),
-                                    "ckpt_dir": str(out / "models"), "output_dir": str(out / "samples")})
     samples = out / "samples"
+    tic = time.perf_counter()
+    common = {"bundle_root": str(bundle_dir), "output_dir": str(samples)}
+    if train:
+        data_dir, ckpt_dir = out / "data", out / "models"
+        make_brain_demo(data_dir, num_volumes=num_volumes, spacing=MRI_DATA_SPACING)
+        run_stages(bundle_dir, MRI_TRAIN_STAGES, {**TRAIN_OVERRIDES, **common, "dataset_dir": str(data_dir),
+                                                  "ckpt_dir": str(ckpt_dir), **trained_weights(ckpt_dir)},
+                   overlays=[MRI_OVERLAY])
+    else:
+        check_shipped_weights(bundle_dir, MRI_SHIPPED)
+        run_stages(bundle_dir, SAMPLE_STAGE, common, overlays=[MRI_OVERLAY])
     logger.info("MRI demo finished in %.0f s: synthetic volumes (NIfTI + PNG mosaics) are in %s",
                 time.perf_counter() - tic, samples)
     return str(samples)
 
 
-def run_demo(output_dir: str = "demo_output", num_volumes: int = 8) -> str:
-    """The MRI and CT generation pipelines on real data, then the breast label-budget experiment on phantoms.
+def run_demo(output_dir: str = "demo_output", num_volumes: int = 8, train: bool = False) -> str:
+    """The MRI and CT generation bundles and the breast segmentation bundle: shipped demo weights, or retrained.
 
     Args:
         output_dir: folder for the demos (``mri/``, ``ct/`` and ``breast/`` inside).
-        num_volumes: volumes per demo data set.
+        num_volumes: volumes per demo data set (training only).
+        train: retrain every demo model (and run the breast label-budget experiment) instead of using the shipped
+            weights.
 
     Returns:
         The demo folder.
@@ -103,9 +103,11 @@ def run_demo(output_dir: str = "demo_output", num_volumes: int = 8) -> str:
 
     tic = time.perf_counter()
     out = Path(output_dir).resolve()
-    results = [run_mri_demo(str(out / "mri"), num_volumes), run_ct_demo(str(out / "ct"), num_volumes),
-               run_breast_demo(out / "breast")]
-    logger.info("demo finished in %.0f s. Synthetic MRI and CT (NIfTI, PNG mosaics, CT also as DICOM) and the "
-                "breast phantom experiment (summary.csv, dice_vs_budget.png) are in:\n  %s",
+    results = [run_mri_demo(str(out / "mri"), num_volumes, train=train),
+               run_ct_demo(str(out / "ct"), num_volumes, train=train),
+               run_breast_demo(out / "breast", train=train)]
+    logger.info("demo finished in %.0f s. Synthetic MRI and CT (NIfTI, PNG mosaics, CT also as DICOM) and breast "
+                "segmentations of held-out phantoms (masks/, eval/summary.json; with training also the label-budget "
+                "experiment) are in:\n  %s",
                 time.perf_counter() - tic, "\n  ".join(results))
     return str(out)

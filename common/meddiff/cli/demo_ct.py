@@ -1,5 +1,5 @@
 # Copyright (c) meddiff contributors. Licensed under the Apache License, Version 2.0.
-"""The CT demo: the whole CT pipeline at small size on real CT, from DICOM trees, through the bundle CLI."""
+"""The CT demo: sample the CT bundle's shipped demo weights, or retrain them on DICOM trees of a real head CT."""
 
 from __future__ import annotations
 
@@ -8,63 +8,70 @@ import sys
 import time
 from pathlib import Path
 
-from meddiff.cli.demo import DEMO_OVERRIDES, run_stages
+from meddiff.cli.stages import REPO_ROOT, check_shipped_weights, run_stages, trained_weights
 from meddiff.data.demo import make_ct_demo
 
-__all__ = ["CT_DEMO_OVERRIDES", "CT_STAGES", "run_ct_demo"]
+__all__ = ["CT_OVERLAY", "CT_SAMPLE_STAGE", "CT_SHIPPED", "CT_TRAIN_OVERRIDES", "CT_TRAIN_STAGES", "run_ct_demo"]
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-
-# 32^3 volumes of 5.5 mm (the whole head), 8x downsampling to 4^3 latents, small networks and short
-# schedules: about 140 s of CPU time in single-threaded workflows, under 3 minutes on 2 CPU cores.
-CT_DEMO_OVERRIDES: dict[str, str] = {
-    **DEMO_OVERRIDES,  # the MRI demo's networks, except where CT's 8x downsampling differs
-    "spatial_size": "[32,32,32]",
-    "autoencoder_channels": "[8,16,32]",
-    "discriminator_channels": "8",
-    "discriminator_layers": "2",
-    "log_interval": "50",
-}
-CT_STAGES: dict[str, dict[str, str]] = {
+#: geometry (64^3 at 3 mm, the whole head) and network sizes (4x compression) of the shipped demo weights
+CT_OVERLAY = "configs/demo_head_ct.json"
+#: files in ``bundles/ct_generative_diffusion/models`` the sampling demo needs
+CT_SHIPPED = ("model_autoencoder.pt", "model.pt", "model.json")
+CT_TRAIN_OVERRIDES: dict[str, str] = {"num_workers": "0", "log_interval": "50", "progress": "false"}
+#: sampling: two volumes, also written as DICOM series marked synthetic, with the bundle's default sampler (10
+#: rectified-flow steps, bench/README.md)
+CT_SAMPLE_STAGE: dict[str, dict[str, str]] = {"inference": {"num_samples": "2", "write_dicom": "true",
+                                                            "progress": "false"}}
+#: the schedules the shipped CT weights were trained with (bundles/ct_generative_diffusion/docs/README.md)
+CT_TRAIN_STAGES: dict[str, dict[str, str]] = {
     # no adversarial phase: in a run this short it trades L1 for checkerboard artefacts
-    "train_autoencoder": {"max_steps": "600", "autoencoder_lr": "0.001", "val_interval": "200", "ckpt_interval": "300"},
-    "train_diffusion": {"max_steps": "400", "batch_size": "4", "ema_start_step": "100", "val_interval": "200",
-                        "ckpt_interval": "200", "warmup_steps": "50", "diffusion_lr": "0.0005"},
-    "inference": {"num_samples": "2", "num_inference_steps": "50", "write_dicom": "true"},
+    "train_autoencoder": {"max_steps": "500", "adversarial_start_step": "1000000", "autoencoder_lr": "0.001",
+                          "val_interval": "250", "ckpt_interval": "250"},
+    "train_diffusion": {"max_steps": "3000", "batch_size": "4", "ema_start_step": "500", "ema_update_every": "1",
+                        "val_interval": "500",
+                        "ckpt_interval": "250", "warmup_steps": "100", "diffusion_lr": "0.0008"},
+    **CT_SAMPLE_STAGE,
 }
 
 
-def run_ct_demo(output_dir: str = "demo_output/ct", num_volumes: int = 8, bundle: str | None = None) -> str:
-    """Write the demo DICOM trees, train the VQ-GAN and the DDPM briefly, sample, and return the samples folder.
+def run_ct_demo(output_dir: str = "demo_output/ct", num_volumes: int = 8, bundle: str | None = None,
+                train: bool = False) -> str:
+    """Sample the CT bundle's shipped demo weights, or (``train``) write the demo DICOM trees, retrain and sample.
 
-    The data are LIDC-IDRI-style trees (patient / study / series) of variants of a real head CT shipped
-    with meddiff, each study with decoy chest-radiograph and report series that the bundle's CT series
-    selection skips. Samples are int16 NIfTI in HU, lung and soft-tissue PNG mosaics and DICOM CT series
-    marked synthetic.
+    The training data are LIDC-IDRI-style trees (patient / study / series) of variants of a real head CT shipped
+    with meddiff, each study with decoy chest-radiograph and report series that the bundle's CT series selection
+    skips. Samples are int16 NIfTI in HU, lung and soft-tissue PNG mosaics and DICOM CT series marked synthetic.
 
     Args:
-        output_dir: folder for data, checkpoints and samples (created).
-        num_volumes: number of demo patients.
+        output_dir: folder for the samples (and, when training, the data and checkpoints); created.
+        num_volumes: number of demo patients (training only).
         bundle: bundle folder (default: the repository's ``bundles/ct_generative_diffusion``).
+        train: retrain the VQ-GAN and the denoiser first instead of using the shipped weights.
 
     Returns:
         The samples folder.
 
     Raises:
+        FileNotFoundError: sampling without the shipped weights in the bundle.
         subprocess.CalledProcessError: a workflow failed (its output is above the error).
     """
     out = Path(output_dir).resolve()
     bundle_dir = Path(bundle) if bundle else REPO_ROOT / "bundles" / "ct_generative_diffusion"
-    data_dir = out / "data"
-    tic = time.perf_counter()
-    if not data_dir.is_dir():
-        make_ct_demo(data_dir, num_volumes=num_volumes)
-    common = {**CT_DEMO_OVERRIDES, "bundle_root": str(bundle_dir), "dataset_dir": str(data_dir),
-              "ckpt_dir": str(out / "models"), "output_dir": str(out / "samples")}
-    run_stages(bundle_dir, CT_STAGES, common)
     samples = out / "samples"
+    tic = time.perf_counter()
+    common = {"bundle_root": str(bundle_dir), "output_dir": str(samples)}
+    if train:
+        data_dir, ckpt_dir = out / "data", out / "models"
+        if not data_dir.is_dir():
+            make_ct_demo(data_dir, num_volumes=num_volumes)
+        run_stages(bundle_dir, CT_TRAIN_STAGES, {**CT_TRAIN_OVERRIDES, **common, "dataset_dir": str(data_dir),
+                                                 "ckpt_dir": str(ckpt_dir), **trained_weights(ckpt_dir)},
+                   overlays=[CT_OVERLAY])
+    else:
+        check_shipped_weights(bundle_dir, CT_SHIPPED)
+        run_stages(bundle_dir, CT_SAMPLE_STAGE, common, overlays=[CT_OVERLAY])
     logger.info("CT demo finished in %.0f s: synthetic CT (int16 NIfTI in HU, lung and soft-tissue PNG mosaics, "
                 "DICOM series marked synthetic) are in %s", time.perf_counter() - tic, samples)
     return str(samples)

@@ -15,9 +15,10 @@ from typing import Any
 import fire
 
 from ..data.errors import DataError
+from ..reader_study.cli import COMMANDS as READER_STUDY_COMMANDS
 from .breast import breast_demo, breast_experiment, breast_phantoms
 
-__all__ = ["COMMANDS", "datalist", "demo", "export", "main"]
+__all__ = ["COMMANDS", "datalist", "demo", "export", "format_json", "main"]
 
 logger = logging.getLogger("meddiff.cli")
 
@@ -64,16 +65,42 @@ def datalist(
     )
 
 
-def demo(output_dir: str = "demo_output", num_volumes: int = 8) -> str:
-    """Run the MRI bundle end to end at small size on real MRI (ICBM 2009a template variants).
+def demo(output_dir: str = "demo_output", num_volumes: int = 8, train: bool = False) -> str:
+    """Sample the MRI and CT bundles' shipped demo weights (seconds) and run the breast demo.
 
     Args:
         output_dir: folder for the demo data, checkpoints and samples.
-        num_volumes: number of demo volumes.
+        num_volumes: number of demo volumes (with ``--train``).
+        train: retrain the MRI and CT demo models first (real MRI and CT template variants; tens of minutes on a
+            CPU) instead of sampling the shipped weights (``make demo-train``).
     """
     from .demo import run_demo
 
-    return run_demo(output_dir=output_dir, num_volumes=num_volumes)
+    return run_demo(output_dir=output_dir, num_volumes=num_volumes, train=train)
+
+
+def format_json(*paths: str, check: bool = False) -> None:
+    """Write the JSON files under PATHS as the model zoo's pre-commit hook does (``pretty-format-json --indent=4 --no-sort-keys``).
+
+    Args:
+        paths: files and folders (searched recursively; git-ignored files are skipped).
+        check: change nothing; exit with status 1 if a file is not formatted (its name is logged).
+
+    Raises:
+        SystemExit: with ``--check``, status 1 when a file needs formatting.
+        DataError: a path is missing or a file is not valid JSON.
+    """
+    from .format_json import format_json_files
+
+    if not isinstance(check, bool):  # fire reads `--check PATH` as check=PATH: that PATH is a path to check
+        paths, check = (str(check), *paths), True
+    changed = format_json_files(paths or ["."], check=check)
+    if check and changed:
+        for file in changed:
+            logger.error("not formatted: %s", file)
+        logger.error("%d JSON file(s) need formatting: run `make format-json`", len(changed))
+        raise SystemExit(1)
+    logger.info("format-json: %d file(s) %s", len(changed), "need formatting" if check else "rewritten")
 
 
 def export(bundle_dir: str, output_dir: str, with_weights: bool = True) -> str:
@@ -90,13 +117,15 @@ def export(bundle_dir: str, output_dir: str, with_weights: bool = True) -> str:
 
 
 #: command name -> function; extend this dict to add commands
-COMMANDS: dict[str, Callable[..., Any]] = {
+COMMANDS: dict[str, Callable[..., Any] | dict[str, Callable[..., Any]]] = {
     "datalist": datalist,
     "demo": demo,
     "export": export,
+    "format-json": format_json,
     "breast-phantoms": breast_phantoms,
     "breast-experiment": breast_experiment,
     "breast-demo": breast_demo,
+    "reader-study": READER_STUDY_COMMANDS,  # a group: meddiff reader-study build|serve|analyse
 }
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from monai.engines.utils import DiffusionPrepareBatch
 from monai.inferers import DiffusionInferer
+from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
 from meddiff.engines.ema import EMA
 from meddiff.engines.sampler import ResumableSampler
-from meddiff.engines.trainer import Trainer, TrainerSettings, _unwrap
+from meddiff.engines.trainer import Trainer, TrainerSettings, _unwrap, guard_cpu_bf16_convs
 from meddiff.utils import atomic_write_json
 
 __all__ = ["DiffusionTrainer", "LOSSES"]
@@ -43,8 +45,10 @@ class DiffusionTrainer(Trainer):
     The autoencoder is deterministic and frozen and the pipeline has no random augmentation, so
     latents (quantised embeddings) are encoded once and cached. ``scale_factor`` defaults to
     ``1 / std`` of the training latents. Written beside the weights: ``<name>.json`` with the
-    scale factor, latent shape, range of the scaled training latents and prediction type that
-    inference needs.
+    scale factor, latent shape, range of the scaled training latents, training ``objective``
+    (``"ddpm"``, or ``"rflow"`` when the inferer's scheduler is MONAI's ``RFlowScheduler``) and
+    ``prediction_type`` that inference needs (the sampler refuses a sampling method that does not
+    fit the objective).
 
     Args:
         autoencoder: trained stage-1 model with ``encode_stage_2_inputs`` (frozen here).
@@ -63,6 +67,10 @@ class DiffusionTrainer(Trainer):
         ema_start_step: EMA follows the weights before this step.
         grad_clip: max gradient norm (``None``: no clipping).
         name: stage name in file names.
+        max_epochs: passes over the training set to train for instead of ``settings.max_steps`` (``None``:
+            use ``max_steps``); the bundle property ``train#trainer#max_epochs``.
+        latent_shape: expected latent shape from ``meddiff.engines.check_shape_chain`` (resolved first by the
+            bundle, so a bad shape chain fails before any encoding); the cached latents must have it.
     """
 
     def __init__(
@@ -83,12 +91,17 @@ class DiffusionTrainer(Trainer):
         ema_start_step: int = 2000,
         grad_clip: float | None = 1.0,
         name: str = "diffusion_model",
+        max_epochs: int | None = None,
+        latent_shape: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(name=name, train_loader=train_loader, settings=settings, val_loader=val_loader)
+        super().__init__(name=name, train_loader=train_loader, settings=settings, val_loader=val_loader,
+                         max_epochs=max_epochs)
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}.")
         self.autoencoder = autoencoder.to(self.device).eval().requires_grad_(False)
         self.diffusion_model = diffusion_model.to(self.device)
+        if self.amp and self.device.type == "cpu":
+            guard_cpu_bf16_convs(self.diffusion_model)
         self.model = self.wrap(diffusion_model)
         self.ema = EMA(self.diffusion_model, decay=ema_decay, update_every=ema_update_every, start_step=ema_start_step)
         self.optimizer = optimizer
@@ -98,6 +111,7 @@ class DiffusionTrainer(Trainer):
         self.loss_fn = LOSSES[loss]
         self.scale_factor = scale_factor
         self.grad_clip = grad_clip
+        self.expected_latent_shape = None if latent_shape is None else [int(s) for s in latent_shape]
         self.latent_shape: list[int] = []
         self.latent_range: list[float] = []
         self._val_latents: list[torch.Tensor] = []
@@ -119,6 +133,9 @@ class DiffusionTrainer(Trainer):
         if not latents:
             raise ValueError("the training set is empty: no latents to train on.")
         self.latent_shape = list(latents[0].shape)
+        if self.expected_latent_shape is not None and self.latent_shape != self.expected_latent_shape:
+            raise ValueError(f"the autoencoder produced latents of shape {self.latent_shape}, but the shape chain "
+                             f"(spatial_size, autoencoder_channels, embedding_dim) gives {self.expected_latent_shape}.")
         if self.scale_factor is None:
             self.scale_factor = float(1.0 / torch.stack(latents).std().clamp_min(1e-6))
         logger.info("cached %d training latents of shape %s; scale factor %.4f", len(latents), self.latent_shape,
@@ -177,6 +194,11 @@ class DiffusionTrainer(Trainer):
     def extra_state(self) -> dict[str, Any]:
         return {"scale_factor": self.scale_factor, "latent_shape": self.latent_shape}
 
+    @property
+    def objective(self) -> str:
+        """``"rflow"`` when training a rectified flow (MONAI ``RFlowScheduler``), else ``"ddpm"``."""
+        return "rflow" if isinstance(self.inferer.scheduler, RFlowScheduler) else "ddpm"
+
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if abs(state["scale_factor"] - self.scale_factor) > 1e-6 * abs(self.scale_factor):
             raise ValueError(
@@ -194,7 +216,8 @@ class DiffusionTrainer(Trainer):
                 Path(self.ckpt_dir) / f"{self.name}.json",
                 {"scale_factor": self.scale_factor, "latent_shape": self.latent_shape,
                  "latent_min": self.latent_range[0], "latent_max": self.latent_range[1],
-                 "prediction_type": getattr(self.inferer.scheduler, "prediction_type", None),
+                 "objective": self.objective,
+                 "prediction_type": str(getattr(self.inferer.scheduler, "prediction_type", None)),
                  "num_train_timesteps": self.prepare_batch.num_train_timesteps, "step": self.step,
                  "weights": "EMA"},
             )

@@ -14,7 +14,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from meddiff.engines.sampler import ResumableSampler
 from meddiff.engines.transform_state import set_transform_rng_state, transform_rng_state
 from meddiff.utils import as_bool, atomic_torch_save, atomic_write_json
 
-__all__ = ["Trainer", "TrainerSettings", "rng_state", "set_rng_state"]
+__all__ = ["Trainer", "TrainerSettings", "guard_cpu_bf16_convs", "rng_state", "run_outside_autocast", "set_rng_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,47 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def run_outside_autocast(module: nn.Module, when: Callable[[torch.Tensor], bool] | None = None) -> None:
+    """Hooks that run ``module`` in float32 with autocast off (inputs cast to float32), when ``when(input)`` holds.
+
+    Args:
+        module: the module to guard (its parameters stay float32).
+        when: predicate on the first input; ``None``: always.
+    """
+    contexts: list[torch.autocast | None] = []
+
+    def enter(mod: nn.Module, args: tuple) -> tuple | None:
+        inputs = args[0]
+        if when is not None and not when(inputs):
+            contexts.append(None)
+            return None
+        context = torch.autocast(device_type=inputs.device.type, enabled=False)
+        context.__enter__()
+        contexts.append(context)
+        return (inputs.float(), *args[1:])
+
+    def leave(mod: nn.Module, args: tuple, output: Any) -> None:
+        context = contexts.pop()
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave)
+
+
+def guard_cpu_bf16_convs(model: nn.Module) -> None:
+    """Run convolutions whose input has a spatial size <= 2 in float32.
+
+    Works around a torch CPU (oneDNN) bug: under bf16 autocast the weight gradient of a 3x3 convolution
+    on a 2-voxel-wide input comes back as inf/NaN (seen with torch 2.13, e.g. input (2, 16, 2, 2, 4)),
+    which the deepest level of a denoiser on small latents hits (LIDC's 16^3 latent: 2x2 in-plane).
+    The forward pass is unaffected; such layers are tiny, so float32 there costs nothing.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and max(module.kernel_size) > 1:
+            run_outside_autocast(module, when=lambda x: min(x.shape[2:]) <= 2)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -79,7 +120,8 @@ class TrainerSettings:
         log_interval: log every this many steps.
         resume: continue from the newest checkpoint in ``ckpt_dir`` if there is one.
         distributed: wrap networks in DistributedDataParallel (``torch.distributed`` must be initialised).
-        amp: mixed precision on CUDA (ignored on CPU).
+        amp: bf16 mixed precision (``torch.autocast`` with ``bfloat16``) on CPU and CUDA; bf16 keeps float32's
+            exponent range, so no gradient scaler is needed. Losses are computed in float32.
         progress: show a progress bar on rank 0.
         tensorboard_dir: write scalars with TensorBoard's SummaryWriter here (needs ``tensorboard``).
     """
@@ -120,17 +162,28 @@ class Trainer:
         train_loader: training data; its sampler should be a :class:`ResumableSampler` for exact resume.
         settings: run control (steps, intervals, checkpoints, DDP, device).
         val_loader: validation data, or ``None`` to skip validation.
+        max_epochs: train for this many passes over ``train_loader`` instead of ``settings.max_steps``
+            (``max_epochs * len(train_loader)`` steps; ``None``: use ``max_steps``). MONAI's bundle property
+            ``train#trainer#max_epochs``, which MONAI Label sets.
+
+    Raises:
+        ValueError: ``max_epochs`` is < 1 or ``train_loader`` has no batches.
     """
 
     def __init__(
-        self, name: str, train_loader: DataLoader, settings: TrainerSettings, val_loader: DataLoader | None = None
+        self,
+        name: str,
+        train_loader: DataLoader,
+        settings: TrainerSettings,
+        val_loader: DataLoader | None = None,
+        max_epochs: int | None = None,
     ) -> None:
         self.name = name
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.settings = settings
         self.device = torch.device(settings.device)
-        self.max_steps = settings.max_steps
+        self.max_steps = settings.max_steps if max_epochs is None else self._epochs_to_steps(max_epochs, train_loader)
         self.ckpt_dir = Path(settings.ckpt_dir)
         self.val_interval = settings.val_interval
         self.ckpt_interval = settings.ckpt_interval
@@ -138,7 +191,7 @@ class Trainer:
         self.log_interval = settings.log_interval
         self.resume = settings.resume
         self.distributed = settings.distributed
-        self.amp = settings.amp and self.device.type == "cuda"
+        self.amp = settings.amp
         self.progress = settings.progress
         self.tensorboard_dir = settings.tensorboard_dir
         self.rank = dist.get_rank() if self.distributed else 0
@@ -149,6 +202,16 @@ class Trainer:
         self.best_metric = math.inf
         self.history: list[dict[str, float]] = []
         self._resume_rng: Mapping[str, Any] | None = None
+
+    @staticmethod
+    def _epochs_to_steps(max_epochs: int, train_loader: DataLoader) -> int:
+        """Steps in ``max_epochs`` passes over ``train_loader`` (this rank's share of the data under DDP)."""
+        if int(max_epochs) < 1:
+            raise ValueError(f"max_epochs must be >= 1 (or None to use max_steps), got {max_epochs}.")
+        steps_per_epoch = len(train_loader)
+        if steps_per_epoch < 1:
+            raise ValueError("max_epochs needs a train_loader with at least one batch; it has none.")
+        return int(max_epochs) * steps_per_epoch
 
     # -- hooks for subclasses ------------------------------------------------------------------
     def setup(self) -> None:
@@ -187,7 +250,8 @@ class Trainer:
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def autocast(self) -> torch.autocast:
-        return torch.autocast(device_type=self.device.type, enabled=self.amp)
+        """bf16 autocast on this device when ``amp`` is on (a no-op context otherwise)."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.inferers import Inferer, SimpleInferer
 from torch import nn
 from torch.utils.data import DataLoader
 
-from meddiff.engines.trainer import Trainer, TrainerSettings, _unwrap
+from meddiff.engines.trainer import Trainer, TrainerSettings, _unwrap, guard_cpu_bf16_convs, run_outside_autocast
 from meddiff.losses import feature_matching_loss, hinge_d_loss, hinge_g_loss
 from meddiff.networks.slice_discriminator import SliceDiscriminator
 
@@ -43,6 +45,15 @@ class VQGANTrainer(Trainer):
         feature_matching_weight: weight of discriminator feature matching.
         perceptual_loss: optional loss module ``(input, target) -> scalar`` (see ``LocalPerceptualLoss``).
         perceptual_weight: its weight.
+        name: stage name in file names.
+        inferer: MONAI inferer running the autoencoder in training steps, called as ``inferer(x, network)``
+            and returning ``(reconstruction, quantization_loss)``; ``None``: ``SimpleInferer()``.
+            The bundle property ``train#inferer``.
+        max_epochs: passes over ``train_loader`` to train for instead of ``settings.max_steps`` (``None``:
+            use ``max_steps``); the bundle property ``train#trainer#max_epochs``.
+        latent_shape: latent shape from ``meddiff.engines.check_shape_chain`` (the bundles resolve it first,
+            so a size that stage 2's denoiser cannot take fails before stage 1 trains); logged, and
+            checked against the encoder's output at the first validation.
     """
 
     def __init__(
@@ -65,8 +76,13 @@ class VQGANTrainer(Trainer):
         perceptual_loss: nn.Module | None = None,
         perceptual_weight: float = 0.0,
         name: str = "autoencoder",
+        inferer: Inferer | None = None,
+        max_epochs: int | None = None,
+        latent_shape: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(name=name, train_loader=train_loader, settings=settings, val_loader=val_loader)
+        super().__init__(name=name, train_loader=train_loader, settings=settings, val_loader=val_loader,
+                         max_epochs=max_epochs)
+        self.inferer = inferer if inferer is not None else SimpleInferer()
         discriminators = {"3d": discriminator_3d, "2d": discriminator_2d}
         if any(d is not None for d in discriminators.values()) and optimizer_d is None:
             raise ValueError("optimizer_d is required when a discriminator is given.")
@@ -85,6 +101,16 @@ class VQGANTrainer(Trainer):
         self.feature_matching_weight = feature_matching_weight
         self.perceptual_loss = perceptual_loss.to(self.device) if perceptual_loss is not None else None
         self.perceptual_weight = perceptual_weight
+        self.latent_shape = None if latent_shape is None else [int(s) for s in latent_shape]
+        if self.amp:
+            if isinstance(getattr(autoencoder, "quantizer", None), nn.Module):
+                # MONAI's quantizer turns autocast off on CUDA only: keep the nearest-code search and the
+                # EMA codebook update in float32 on CPU too.
+                run_outside_autocast(autoencoder.quantizer)
+            if self.device.type == "cpu":
+                for module in (autoencoder, discriminator_3d, discriminator_2d):
+                    if module is not None:
+                        guard_cpu_bf16_convs(module)
 
     def _judge(self, key: str, volumes: torch.Tensor, slices: torch.Tensor | None) -> list[torch.Tensor]:
         wrapped = self.discriminators[key][1]
@@ -100,7 +126,7 @@ class VQGANTrainer(Trainer):
         logs: dict[str, float] = {}
 
         with self.autocast():
-            recon, q_loss = self.model(x)
+            recon, q_loss = self.inferer(x, self.model)
             l1 = F.l1_loss(recon.float(), x)
             loss_g = self.l1_weight * l1 + self.quantization_weight * q_loss
             logs.update(l1=l1.item(), quantization=q_loss.item())
@@ -146,6 +172,11 @@ class VQGANTrainer(Trainer):
         l1s, psnrs = [], []
         for batch in self.val_loader:
             x = batch["image"].to(self.device)
+            if self.latent_shape is not None and not l1s:
+                got = list(self.autoencoder.encode_stage_2_inputs(x).shape[1:])
+                if got != self.latent_shape:
+                    raise ValueError(f"the autoencoder's latents have shape {got}, but the shape chain (spatial_size, "
+                                     f"autoencoder_channels, embedding_dim) gives {self.latent_shape}.")
             recon, _ = self.autoencoder(x)
             recon = recon.clamp(-1, 1)
             l1s.append(F.l1_loss(recon, x).item())

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +22,15 @@ def _timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 1
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
     args = timesteps.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:  # odd dim: pad one zero column
+    if dim % 2 == 1:  # odd dim: pad one zero column
         emb = F.pad(emb, (0, 1))
     return emb
+
+
+def _shape_str(shape: list[int]) -> str:
+    """A shape written as Python writes a tuple, ``(1, 2, 3)`` or ``(4,)``, in eager mode and in TorchScript."""
+    items = [str(s) for s in shape]
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
 
 
 def _plane_conv(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv3d:
@@ -171,12 +177,22 @@ class _Stage(nn.Module):
             _DepthAttention(out_ch, num_head_channels, max_distance) if attention and depth_attention else None
         )
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, ckpt: Callable[..., torch.Tensor]) -> torch.Tensor:
-        x = ckpt(self.res, x, temb)
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+        if checkpointed and not torch.jit.is_scripting():
+            return self._checkpointed(x, temb)
+        x = self.res(x, temb)
         if self.spatial_attn is not None:
-            x = ckpt(self.spatial_attn, x)
+            x = self.spatial_attn(x)
         if self.depth_attn is not None:
-            x = ckpt(self.depth_attn, x)
+            x = self.depth_attn(x)
+        return x
+
+    def _checkpointed(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The same blocks with activation checkpointing on each (training only, so not compiled by TorchScript)."""
+        x = checkpoint(self.res, x, temb, use_reentrant=False)
+        for block in (self.spatial_attn, self.depth_attn):
+            if block is not None:
+                x = checkpoint(block, x, use_reentrant=False)
         return x
 
 
@@ -338,11 +354,6 @@ class Pseudo3DUNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def _ckpt(self, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
-        if self.use_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -367,37 +378,38 @@ class Pseudo3DUNet(nn.Module):
         if class_labels is not None:
             raise ValueError("Pseudo3DUNet is unconditional: class_labels must be None.")
         if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must have shape (N, {self.in_channels}, H, W, D), got {tuple(x.shape)}.")
+            raise ValueError(f"x must have shape (N, {self.in_channels}, H, W, D), got {_shape_str(x.shape)}.")
         f = self.downsample_factor
         if x.shape[2] % f or x.shape[3] % f:
             raise ValueError(
-                f"H and W of x must be divisible by {f} (2 ** (len(channels) - 1)), got shape {tuple(x.shape)}."
+                f"H and W of x must be divisible by {f} (2 ** (len(channels) - 1)), got shape {_shape_str(x.shape)}."
             )
         n = x.shape[0]
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1)
         if timesteps.numel() == 1:
             timesteps = timesteps.expand(n)
         if timesteps.shape[0] != n:
-            raise ValueError(f"timesteps must have shape (N,) = ({n},) or (1,), got {tuple(timesteps.shape)}.")
+            raise ValueError(f"timesteps must have shape (N,) = ({n},) or (1,), got {_shape_str(timesteps.shape)}.")
 
         temb = self.time_embed(_timestep_embedding(timesteps, self.channels[0]).to(x.dtype))
 
+        ckpt = self.use_checkpointing and self.training and torch.is_grad_enabled()
         h = self.conv_in(x)
         skips = [h]
         for blocks, down in zip(self.down_blocks, self.downsamplers):
             for block in blocks:
-                h = block(h, temb, self._ckpt)
+                h = block(h, temb, ckpt)
                 skips.append(h)
             if not isinstance(down, nn.Identity):
                 h = down(h)
                 skips.append(h)
 
-        h = self.mid_block1(h, temb, self._ckpt)
-        h = self.mid_block2(h, temb, self._ckpt)
+        h = self.mid_block1(h, temb, ckpt)
+        h = self.mid_block2(h, temb, ckpt)
 
         for blocks, up in zip(self.up_blocks, self.upsamplers):
             for block in blocks:
-                h = block(torch.cat([h, skips.pop()], dim=1), temb, self._ckpt)
+                h = block(torch.cat([h, skips.pop()], dim=1), temb, ckpt)
             h = up(h)
 
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
+from ..data.writers import affine_from_geometry, save_mosaic_png, save_nifti
 from .dicom_output import SYNTHETIC_STATEMENT, DicomSeriesOutput
-from .latent_sampler import LatentDiffusionSampler, file_sha256
-from .writers import affine_from_geometry, save_mosaic_png, save_nifti
+from .latent_sampler import LatentDiffusionSampler, file_sha256, latent_diffusion_inferer, read_latent_info
 
 __all__ = [
     "DicomSeriesOutput",
@@ -13,6 +13,8 @@ __all__ = [
     "SYNTHETIC_STATEMENT",
     "affine_from_geometry",
     "file_sha256",
+    "latent_diffusion_inferer",
+    "read_latent_info",
     "save_mosaic_png",
     "save_nifti",
 ]

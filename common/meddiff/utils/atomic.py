@@ -49,7 +49,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 4) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically and return the path."""
     return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 

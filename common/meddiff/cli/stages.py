@@ -1,0 +1,138 @@
+# Copyright (c) meddiff contributors. Licensed under the Apache License, Version 2.0.
+"""Run a generation bundle's workflows through ``python -m monai.bundle run``, as its docs describe.
+
+Shared by the MRI and CT demos (:mod:`meddiff.cli.demo`, :mod:`meddiff.cli.demo_ct`), which import it and not
+each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+__all__ = ["REPO_ROOT", "bundle_command", "check_shipped_weights", "run_stages", "ship_weights", "trained_weights"]
+
+logger = logging.getLogger(__name__)
+
+#: the repository root (``bundles/`` lives there)
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def bundle_command(configs: Sequence[str], overrides: Mapping[str, str]) -> list[str]:
+    """The ``python -m monai.bundle run`` command for ``configs`` (merged in order) and ``--key value`` overrides."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(list(configs)).replace(" ", "")]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+def run_stages(bundle_dir: str | Path, stages: Mapping[str, Mapping[str, str]], overrides: Mapping[str, str],
+               overlays: Sequence[str] = ()) -> None:
+    """Run the generation bundle's workflows in order through ``python -m monai.bundle run``.
+
+    Each stage is merged over ``train_autoencoder.json`` as the bundle docs describe, then the ``overlays``
+    (e.g. ``configs/demo_brain.json``, geometry and network sizes); every command is logged so it can be rerun
+    by hand.
+
+    Args:
+        bundle_dir: the bundle folder (the workflows run there).
+        stages: workflow name (``train_autoencoder``, ``train_diffusion``, ``inference``) -> its overrides.
+        overrides: overrides of every stage (a stage's own win).
+        overlays: config files, relative to the bundle, appended after the workflow's.
+
+    Raises:
+        subprocess.CalledProcessError: a workflow failed (its output is above the error).
+    """
+    for stage, stage_overrides in stages.items():
+        configs = ["configs/common.json", "configs/train_autoencoder.json"]
+        if stage != "train_autoencoder":
+            configs.append(f"configs/{stage}.json")
+        cmd = bundle_command([*configs, *overlays], {**overrides, **stage_overrides})
+        logger.info("running %s:\n  (cd %s && %s)", stage, bundle_dir, shlex.join(cmd))
+        # one thread: on a busy 2-core machine OpenMP threads mostly wait
+        env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
+        subprocess.run(cmd, cwd=bundle_dir, check=True, env=env)
+
+
+def trained_weights(ckpt_dir: str | Path) -> dict[str, str]:
+    """Overrides pointing the weight keys at what the trainers write into ``ckpt_dir`` (not the shipped names)."""
+    ckpt = Path(ckpt_dir)
+    return {"autoencoder_weights": str(ckpt / "autoencoder.pt"), "diffusion_weights": str(ckpt / "diffusion_model.pt"),
+            "latent_info_file": str(ckpt / "diffusion_model.json")}
+
+
+def check_shipped_weights(bundle_dir: str | Path, names: Sequence[str]) -> None:
+    """Raise unless the bundle's ``models/`` holds every shipped file in ``names``.
+
+    Raises:
+        FileNotFoundError: naming the missing files and how to get weights anyway.
+    """
+    models = Path(bundle_dir) / "models"
+    missing = [str(models / n) for n in names if not (models / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"shipped demo weights missing: {', '.join(missing)} (a checkout without them, or "
+                                "`make clean` removed them: `git checkout -- bundles/*/models`, or train new ones "
+                                "with `make demo-train`).")
+
+
+def ship_weights(ckpt_dir: str | Path, bundle_dir: str | Path, denoisers: Mapping[str, str | Path] | None = None,
+                 extra: Mapping[str, str] | None = None, denoiser_dtype: str = "float16") -> Path:
+    """Copy a trained demo model into ``bundle_dir/models`` under the zoo's names and write ``large_files.yml``.
+
+    ``autoencoder.pt`` -> ``model_autoencoder.pt`` (as trained); each denoiser run's ``diffusion_model.pt`` /
+    ``diffusion_model.json`` -> ``<stem>.pt`` / ``<stem>.json`` (the state dict stored as ``denoiser_dtype`` to
+    halve the size; ``load_state_dict`` casts it back to the network's float32); and the ``extra`` files as they
+    are, renamed (e.g. ``{"nyul_landmarks.json": "model_nyul_landmarks.json"}``: never under a name a training run
+    writes, or training in the bundle folder would silently reuse the shipped file).
+
+    Args:
+        ckpt_dir: the training runs' ``ckpt_dir`` (the autoencoder's, and the extra files').
+        bundle_dir: the bundle folder.
+        denoisers: shipped stem -> ``ckpt_dir`` of a denoiser run, e.g. ``{"model": rflow_run, "model_ddpm":
+            ddpm_run}`` (default: ``{"model": ckpt_dir}``).
+        extra: further files of ``ckpt_dir`` to ship unchanged: source name -> shipped name.
+        denoiser_dtype: storage dtype of the denoisers' floating-point tensors.
+
+    Returns:
+        The written ``large_files.yml``.
+    """
+    import hashlib
+    import shutil
+
+    import torch
+
+    from meddiff.utils.atomic import atomic_torch_save, atomic_write_text
+
+    src, models = Path(ckpt_dir), Path(bundle_dir) / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, denoiser_dtype)
+
+    def denoiser(run: Path, stem: str) -> list[str]:
+        state = torch.load(run / "diffusion_model.pt", map_location="cpu", weights_only=True)
+        atomic_torch_save({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                          models / f"{stem}.pt")
+        shutil.copyfile(run / "diffusion_model.json", models / f"{stem}.json")
+        return [f"{stem}.pt", f"{stem}.json"]
+
+    shutil.copyfile(src / "autoencoder.pt", models / "model_autoencoder.pt")
+    names = ["model_autoencoder.pt"]
+    for stem, run in (denoisers or {"model": src}).items():
+        names += denoiser(Path(run), stem)
+    for name, shipped in (extra or {}).items():
+        shutil.copyfile(src / name, models / shipped)
+        names.append(shipped)
+    lines = ["# The shipped demo weights: committed in this repository (no download URL), listed here with their",
+             "# SHA-256 so a copy can be checked (sha256sum). See docs/README.md, 'Shipped weights'.",
+             "large_files:"]
+    for name in names:
+        digest = hashlib.sha256((models / name).read_bytes()).hexdigest()
+        lines += [f'  - path: "models/{name}"', f'    hash_val: "{digest}"', '    hash_type: "sha256"']
+    out = Path(bundle_dir) / "large_files.yml"
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    logger.info("shipped %s into %s", ", ".join(names), models)
+    return out

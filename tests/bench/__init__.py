@@ -1,0 +1,1 @@
+# Copyright (c) meddiff contributors. Licensed under the Apache License, Version 2.0.
