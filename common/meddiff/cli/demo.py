@@ -11,7 +11,14 @@ import logging
 import time
 from pathlib import Path
 
-from meddiff.cli.stages import REPO_ROOT, check_shipped_weights, run_stages, trained_weights
+from meddiff.cli.stages import (
+    REPO_ROOT,
+    TRAIN_OVERRIDES,
+    check_shipped_weights,
+    demo_train_stages,
+    run_stages,
+    trained_weights,
+)
 from meddiff.data.demo import make_brain_demo
 
 __all__ = [
@@ -20,7 +27,6 @@ __all__ = [
     "MRI_SHIPPED",
     "MRI_TRAIN_STAGES",
     "SAMPLE_STAGE",
-    "TRAIN_OVERRIDES",
     "run_demo",
     "run_mri_demo",
 ]
@@ -33,20 +39,10 @@ MRI_OVERLAY = "configs/demo_brain.json"
 MRI_SHIPPED = ("model_autoencoder.pt", "model.pt", "model.json")
 #: voxel size of the demo data (mm): the ICBM 2009a head fills 64^3
 MRI_DATA_SPACING = 3.0
-#: overrides of every training stage (network sizes come from the overlay)
-TRAIN_OVERRIDES: dict[str, str] = {"num_workers": "0", "log_interval": "50", "progress": "false"}
 #: sampling: two volumes with the bundle's default sampler (10 rectified-flow steps, bench/README.md)
 SAMPLE_STAGE: dict[str, dict[str, str]] = {"inference": {"num_samples": "2", "progress": "false"}}
 #: the schedules the shipped MRI weights were trained with (bundles/mri_generative_diffusion/docs/README.md)
-MRI_TRAIN_STAGES: dict[str, dict[str, str]] = {
-    # the GAN phase needs far more steps than a demo has to help; the tests exercise it
-    "train_autoencoder": {"max_steps": "500", "adversarial_start_step": "1000000", "autoencoder_lr": "0.001",
-                          "val_interval": "250", "ckpt_interval": "250"},
-    "train_diffusion": {"max_steps": "6000", "batch_size": "4", "ema_start_step": "500", "ema_update_every": "1",
-                        "val_interval": "500",
-                        "ckpt_interval": "250", "warmup_steps": "100", "diffusion_lr": "0.0008"},
-    **SAMPLE_STAGE,
-}
+MRI_TRAIN_STAGES = demo_train_stages(6000, SAMPLE_STAGE)
 
 
 def run_mri_demo(output_dir: str = "demo_output/mri", num_volumes: int = 8, bundle: str | None = None,

@@ -8,10 +8,17 @@ import sys
 import time
 from pathlib import Path
 
-from meddiff.cli.stages import REPO_ROOT, check_shipped_weights, run_stages, trained_weights
+from meddiff.cli.stages import (
+    REPO_ROOT,
+    TRAIN_OVERRIDES,
+    check_shipped_weights,
+    demo_train_stages,
+    run_stages,
+    trained_weights,
+)
 from meddiff.data.demo import make_ct_demo
 
-__all__ = ["CT_OVERLAY", "CT_SAMPLE_STAGE", "CT_SHIPPED", "CT_TRAIN_OVERRIDES", "CT_TRAIN_STAGES", "run_ct_demo"]
+__all__ = ["CT_OVERLAY", "CT_SAMPLE_STAGE", "CT_SHIPPED", "CT_TRAIN_STAGES", "run_ct_demo"]
 
 logger = logging.getLogger(__name__)
 
@@ -19,21 +26,12 @@ logger = logging.getLogger(__name__)
 CT_OVERLAY = "configs/demo_head_ct.json"
 #: files in ``bundles/ct_generative_diffusion/models`` the sampling demo needs
 CT_SHIPPED = ("model_autoencoder.pt", "model.pt", "model.json")
-CT_TRAIN_OVERRIDES: dict[str, str] = {"num_workers": "0", "log_interval": "50", "progress": "false"}
 #: sampling: two volumes, also written as DICOM series marked synthetic, with the bundle's default sampler (10
 #: rectified-flow steps, bench/README.md)
 CT_SAMPLE_STAGE: dict[str, dict[str, str]] = {"inference": {"num_samples": "2", "write_dicom": "true",
                                                             "progress": "false"}}
 #: the schedules the shipped CT weights were trained with (bundles/ct_generative_diffusion/docs/README.md)
-CT_TRAIN_STAGES: dict[str, dict[str, str]] = {
-    # no adversarial phase: in a run this short it trades L1 for checkerboard artefacts
-    "train_autoencoder": {"max_steps": "500", "adversarial_start_step": "1000000", "autoencoder_lr": "0.001",
-                          "val_interval": "250", "ckpt_interval": "250"},
-    "train_diffusion": {"max_steps": "3000", "batch_size": "4", "ema_start_step": "500", "ema_update_every": "1",
-                        "val_interval": "500",
-                        "ckpt_interval": "250", "warmup_steps": "100", "diffusion_lr": "0.0008"},
-    **CT_SAMPLE_STAGE,
-}
+CT_TRAIN_STAGES = demo_train_stages(3000, CT_SAMPLE_STAGE)
 
 
 def run_ct_demo(output_dir: str = "demo_output/ct", num_volumes: int = 8, bundle: str | None = None,
@@ -66,7 +64,7 @@ def run_ct_demo(output_dir: str = "demo_output/ct", num_volumes: int = 8, bundle
         data_dir, ckpt_dir = out / "data", out / "models"
         if not data_dir.is_dir():
             make_ct_demo(data_dir, num_volumes=num_volumes)
-        run_stages(bundle_dir, CT_TRAIN_STAGES, {**CT_TRAIN_OVERRIDES, **common, "dataset_dir": str(data_dir),
+        run_stages(bundle_dir, CT_TRAIN_STAGES, {**TRAIN_OVERRIDES, **common, "dataset_dir": str(data_dir),
                                                  "ckpt_dir": str(ckpt_dir), **trained_weights(ckpt_dir)},
                    overlays=[CT_OVERLAY])
     else:

@@ -15,12 +15,40 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["REPO_ROOT", "bundle_command", "check_shipped_weights", "run_stages", "ship_weights", "trained_weights"]
+__all__ = [
+    "REPO_ROOT",
+    "TRAIN_OVERRIDES",
+    "bundle_command",
+    "check_shipped_weights",
+    "demo_train_stages",
+    "run_stages",
+    "ship_weights",
+    "trained_weights",
+]
 
 logger = logging.getLogger(__name__)
 
 #: the repository root (``bundles/`` lives there)
 REPO_ROOT = Path(__file__).resolve().parents[3]
+#: overrides of every demo training stage (network sizes come from the bundle's demo overlay)
+TRAIN_OVERRIDES: dict[str, str] = {"num_workers": "0", "log_interval": "50", "progress": "false"}
+
+
+def demo_train_stages(diffusion_steps: int, sample_stage: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, str]]:
+    """The schedules the shipped demo weights were trained with (each bundle's docs, *Shipped weights*).
+
+    VQ-GAN: 500 steps at lr 1e-3 without the GAN phase (in a run this short it trades L1 for checkerboard
+    artefacts; the tests exercise it). Denoiser: ``diffusion_steps`` at batch 4, lr 8e-4 after 100 warm-up
+    steps, EMA every step from step 500. Then ``sample_stage``.
+    """
+    return {
+        "train_autoencoder": {"max_steps": "500", "adversarial_start_step": "1000000", "autoencoder_lr": "0.001",
+                              "val_interval": "250", "ckpt_interval": "250"},
+        "train_diffusion": {"max_steps": str(diffusion_steps), "batch_size": "4", "ema_start_step": "500",
+                            "ema_update_every": "1", "val_interval": "500", "ckpt_interval": "250",
+                            "warmup_steps": "100", "diffusion_lr": "0.0008"},
+        **{k: dict(v) for k, v in sample_stage.items()},
+    }
 
 
 def bundle_command(configs: Sequence[str], overrides: Mapping[str, str]) -> list[str]:
