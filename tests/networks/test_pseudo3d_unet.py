@@ -148,6 +148,33 @@ def test_relative_bias_is_clipped():
     torch.testing.assert_close(bias[:, 5, 0], bias[:, 2, 0])
 
 
+def _roll_error(net: Pseudo3DUNet) -> float:
+    """How far the net is from commuting with a circular shift of the slices."""
+    x, t = torch.randn(1, 1, 16, 16, 8), torch.tensor([5])
+    with torch.no_grad():
+        return (net(torch.roll(x, 3, dims=4), t) - torch.roll(net(x, t), 3, dims=4)).abs().max().item()
+
+
+def test_depth_position_tells_the_network_where_a_slice_lies():
+    relative_only, absolute = _net(), _net(depth_position=True)
+    for net in (relative_only, absolute):
+        _perturb_output_conv(net)
+    # the paper's design: with the (zero-initialised) relative bias a circular shift along depth commutes with
+    # the network, so it cannot prefer one depth for the anatomy over another
+    assert _roll_error(relative_only.eval()) < 1e-5
+    absolute.load_state_dict(relative_only.state_dict())  # weights trained without it load: a zero position map
+    assert _roll_error(absolute.eval()) < 1e-5  # the position map starts at zero: the same network at first
+    with torch.no_grad():
+        for module in absolute.modules():
+            if getattr(module, "position_proj", None) is not None:
+                module.position_proj.weight.normal_(0.0, 0.5)
+    assert _roll_error(absolute) > 1e-3
+    scripted = torch.jit.script(absolute)
+    x, t = torch.randn(1, 1, 16, 16, 8), torch.tensor([5])
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x, t), absolute(x, t))
+
+
 def test_overfit_fixed_target():
     net = _net()
     torch.manual_seed(1)

@@ -42,7 +42,7 @@ MRI_DATA_SPACING = 3.0
 #: sampling: two volumes with the bundle's default sampler (10 rectified-flow steps, bench/README.md)
 SAMPLE_STAGE: dict[str, dict[str, str]] = {"inference": {"num_samples": "2", "progress": "false"}}
 #: the schedules the shipped MRI weights were trained with (bundles/mri_generative_diffusion/docs/README.md)
-MRI_TRAIN_STAGES = demo_train_stages(6000, SAMPLE_STAGE)
+MRI_TRAIN_STAGES = demo_train_stages(4000, SAMPLE_STAGE)
 
 
 def run_mri_demo(output_dir: str = "demo_output/mri", num_volumes: int = 8, bundle: str | None = None,

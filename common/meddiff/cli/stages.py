@@ -130,11 +130,19 @@ def ship_weights(ckpt_dir: str | Path, bundle_dir: str | Path, denoisers: Mappin
         The written ``large_files.yml``.
     """
     import hashlib
+    import json
     import shutil
 
     import torch
 
-    from meddiff.utils.atomic import atomic_torch_save, atomic_write_text
+    from meddiff.utils.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
+
+    def _copy(source: Path, target: Path) -> None:
+        """JSON rewritten as the zoo's formatter writes it (``make lint`` checks it), anything else copied."""
+        if source.suffix == ".json":
+            atomic_write_json(target, json.loads(source.read_text()))
+        else:
+            shutil.copyfile(source, target)
 
     src, models = Path(ckpt_dir), Path(bundle_dir) / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -144,7 +152,7 @@ def ship_weights(ckpt_dir: str | Path, bundle_dir: str | Path, denoisers: Mappin
         state = torch.load(run / "diffusion_model.pt", map_location="cpu", weights_only=True)
         atomic_torch_save({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
                           models / f"{stem}.pt")
-        shutil.copyfile(run / "diffusion_model.json", models / f"{stem}.json")
+        _copy(run / "diffusion_model.json", models / f"{stem}.json")
         return [f"{stem}.pt", f"{stem}.json"]
 
     shutil.copyfile(src / "autoencoder.pt", models / "model_autoencoder.pt")
@@ -152,7 +160,7 @@ def ship_weights(ckpt_dir: str | Path, bundle_dir: str | Path, denoisers: Mappin
     for stem, run in (denoisers or {"model": src}).items():
         names += denoiser(Path(run), stem)
     for name, shipped in (extra or {}).items():
-        shutil.copyfile(src / name, models / shipped)
+        _copy(src / name, models / shipped)
         names.append(shipped)
     lines = ["# The shipped demo weights: committed in this repository (no download URL), listed here with their",
              "# SHA-256 so a copy can be checked (sha256sum). See docs/README.md, 'Shipped weights'.",

@@ -112,14 +112,36 @@ class _DepthAttention(nn.Module):
     """Self-attention along the slice axis: tokens are the D slices, batched over N*H*W.
 
     A learned per-head bias indexed by the relative distance j - i (clipped to +-max_distance)
-    is added to the attention logits.
+    is added to the attention logits. With ``absolute_position`` a sinusoidal code of each slice's index,
+    through a learned linear map that starts at zero, is added to the slice tokens first: without it
+    nothing tells the network where along depth a slice lies.
     """
 
-    def __init__(self, channels: int, num_head_channels: int, max_distance: int) -> None:
+    def __init__(self, channels: int, num_head_channels: int, max_distance: int, absolute_position: bool = False) -> None:
         super().__init__()
         self.attn = _SelfAttention(channels, num_head_channels)
         self.max_distance = max_distance
         self.rel_bias = nn.Parameter(torch.zeros(2 * max_distance + 1, self.attn.num_heads))
+        self.position_proj = nn.Linear(channels, channels) if absolute_position else None
+        if self.position_proj is not None:
+            nn.init.zeros_(self.position_proj.weight)
+            nn.init.zeros_(self.position_proj.bias)
+            self._register_load_state_dict_pre_hook(self._zero_missing_position_map)
+
+    def _zero_missing_position_map(self, state_dict: dict, prefix: str, *args) -> None:
+        """Weights trained without the absolute position load as they are: a zero map is the same network."""
+        for name in ("weight", "bias"):
+            key = f"{prefix}position_proj.{name}"
+            if key not in state_dict and f"{prefix}rel_bias" in state_dict:
+                state_dict[key] = torch.zeros_like(getattr(self.position_proj, name))
+
+    def position_code(self, d: int, c: int, device: torch.device) -> torch.Tensor:
+        """(D, C) sinusoidal code of the slice indices 0..D-1 (sin and cos halves; a zero column for odd C)."""
+        half = c // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=device, dtype=torch.float32) / max(half, 1))
+        angles = torch.arange(d, device=device, dtype=torch.float32)[:, None] * freqs[None, :]
+        code = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+        return F.pad(code, [0, c - 2 * half])
 
     def relative_bias(self, d: int, device: torch.device) -> torch.Tensor:
         """(heads, D, D) bias, entry [h, i, j] = table[clip(j - i)]."""
@@ -130,6 +152,8 @@ class _DepthAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w, d = x.shape
         tokens = x.permute(0, 2, 3, 4, 1).reshape(n * h * w, d, c)
+        if self.position_proj is not None:
+            tokens = tokens + self.position_proj(self.position_code(d, c, x.device)).to(tokens.dtype)
         tokens = self.attn(tokens, self.relative_bias(d, x.device))
         return tokens.reshape(n, h, w, d, c).permute(0, 4, 1, 2, 3)
 
@@ -169,12 +193,15 @@ class _Stage(nn.Module):
         depth_attention: bool,
         num_head_channels: int,
         max_distance: int,
+        depth_position: bool = False,
     ) -> None:
         super().__init__()
         self.res = _ResBlock(in_ch, out_ch, temb_dim, groups)
         self.spatial_attn = _SpatialAttention(out_ch, num_head_channels) if attention else None
         self.depth_attn = (
-            _DepthAttention(out_ch, num_head_channels, max_distance) if attention and depth_attention else None
+            _DepthAttention(out_ch, num_head_channels, max_distance, depth_position)
+            if attention and depth_attention
+            else None
         )
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
@@ -241,6 +268,10 @@ class Pseudo3DUNet(nn.Module):
             ``False`` the network never mixes slices.
         max_relative_distance: relative slice distances are clipped to ``[-max, max]`` when indexing the
             learned relative position bias table (``2 * max + 1`` entries per head).
+        depth_position: also give the depth attention each slice's absolute index (a sinusoidal code through
+            a learned linear map that starts at zero). The paper's network has only the relative bias, so it
+            cannot tell where along depth a slice lies and may place the anatomy at any depth, wrapped around
+            the volume's ends.
         use_checkpointing: use activation checkpointing (``torch.utils.checkpoint``) on every ResNet and
             attention block during training, trading compute for memory.
 
@@ -261,6 +292,7 @@ class Pseudo3DUNet(nn.Module):
         depth_attention: bool = True,
         max_relative_distance: int = 32,
         use_checkpointing: bool = False,
+        depth_position: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims != 3:
@@ -311,7 +343,8 @@ class Pseudo3DUNet(nn.Module):
 
         def stage(cin: int, cout: int, attn: bool) -> _Stage:
             return _Stage(
-                cin, cout, temb_dim, norm_num_groups, attn, depth_attention, num_head_channels, max_relative_distance
+                cin, cout, temb_dim, norm_num_groups, attn, depth_attention, num_head_channels, max_relative_distance,
+                as_bool(depth_position, "depth_position"),
             )
 
         self.conv_in = _plane_conv(in_channels, channels[0])
