@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +36,7 @@ from monai.bundle import ConfigParser
 
 from meddiff.sampling import LatentDiffusionSampler
 from meddiff.schedulers import make_sampling_scheduler
-from meddiff.utils import atomic_write_json
+from meddiff.utils import atomic_write_json, machine_info
 
 logger = logging.getLogger("bench.pipeline")
 REPO = Path(__file__).resolve().parents[1]
@@ -168,8 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = load_config(args.bundle, args.overlay or None, overrides)
     device = torch.device(args.device)
     results = {"bench": "pipeline", "bundle": args.bundle.name, "overlay": args.overlay, "overrides": overrides,
-               "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+               "device": str(device), "machine": machine_info(),
                "volumes": args.volumes, "clock": args.clock,
                **run(config, args.volumes, device, args.paper_steps, args.autoencoder_weights)}
     for name in ("default", "paper"):

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -38,7 +36,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 
 from meddiff.networks import Pseudo3DUNet
-from meddiff.utils import atomic_write_json
+from meddiff.utils import atomic_write_json, machine_info
 
 logger = logging.getLogger("bench.unet")
 
@@ -201,8 +199,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         cases = {name: (LATENTS[name], paper_channels(LATENTS[name])) for name in args.latents}
     device = torch.device(args.device)
-    results = {"bench": "unet", "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+    results = {"bench": "unet", "device": str(device), "machine": machine_info(),
                "repeats": args.repeats, "baseline": args.baseline, "clock": args.clock,
                "cases": run(cases, args.repeats, args.baseline, device)}
     print(_table(results["cases"]))

@@ -90,16 +90,18 @@ def run_outside_autocast(module: nn.Module, when: Callable[[torch.Tensor], bool]
 
 
 def guard_cpu_bf16_convs(model: nn.Module) -> None:
-    """Run convolutions whose input has a spatial size <= 2 in float32.
+    """Run convolutions with an input side smaller than their kernel in float32.
 
-    Works around a torch CPU (oneDNN) bug: under bf16 autocast the weight gradient of a 3x3 convolution
-    on a 2-voxel-wide input comes back as inf/NaN (seen with torch 2.13, e.g. input (2, 16, 2, 2, 4)),
-    which the deepest level of a denoiser on small latents hits (LIDC's 16^3 latent: 2x2 in-plane).
+    Works around a torch CPU (oneDNN) bug: under bf16 autocast the weight gradient of a 3D convolution
+    whose input is narrower than its kernel along some axis comes back wrong, inf or NaN (seen with
+    torch 2.13 and >= 16 input channels: a 3x3x3 kernel on (2, 2, 4), a 4x4x4 kernel on (3, 3, 3)).
+    The deepest denoiser level on small latents and the last layers of a patch discriminator hit it.
     The forward pass is unaffected; such layers are tiny, so float32 there costs nothing.
     """
     for module in model.modules():
         if isinstance(module, nn.modules.conv._ConvNd) and max(module.kernel_size) > 1:
-            run_outside_autocast(module, when=lambda x: min(x.shape[2:]) <= 2)
+            kernel = tuple(module.kernel_size)
+            run_outside_autocast(module, when=lambda x, k=kernel: any(s < w for s, w in zip(x.shape[2:], k)))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
