@@ -125,10 +125,10 @@ def run(parser: ConfigParser, volumes: int, device: torch.device, paper_steps: i
         logger.info("%s: %s", name, row)
         if name == "default":
             latents = z
-    fp32 = LatentDiffusionSampler(autoencoder, denoiser, make_sampling_scheduler("ddim", num_train), latent_info=info,
-                                  device=device, progress=False, decode_dtype="float32")
-    bf16 = LatentDiffusionSampler(autoencoder, denoiser, make_sampling_scheduler("ddim", num_train), latent_info=info,
-                                  device=device, progress=False, decode_dtype="bfloat16")
+    decoders = {dtype: LatentDiffusionSampler(autoencoder, denoiser, make_sampling_scheduler(
+        "ddim", num_train, prediction_type=prediction_type), latent_info=info, device=device, progress=False,
+        decode_dtype=dtype) for dtype in ("float32", "bfloat16")}
+    fp32, bf16 = decoders["float32"], decoders["bfloat16"]
     first = latents[:1]
     results["decode_bf16_max_abs_error"] = round(float((fp32.decode(first) - bf16.decode(first)).abs().max()), 5)
     _, t32 = _seconds(lambda: fp32.decode(first), device)

@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
 
 from meddiff.cli.demo import run_mri_demo
 from meddiff.cli.demo_ct import run_ct_demo
+from tests.bundles.conftest import MRI_BUNDLE
 
 
 def test_mri_demo_samples_the_shipped_weights(tmp_path):
@@ -40,3 +44,25 @@ def test_ct_demo_samples_the_shipped_weights_in_hounsfield_units(tmp_path):
         assert hu.min() >= -1024 and hu.max() <= 1024
         assert 0.02 < (hu > -500).mean() < 0.6  # a head surrounded by air, not all air or all tissue
         assert len(list((samples / f"{path.name.removesuffix('.nii.gz')}_dicom").glob("*.dcm"))) == 64
+
+
+def _sample_shipped_baseline(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    """docs/README.md's command for the shipped DDPM baseline (x0 target, the paper's 300 ancestral steps)."""
+    configs = "['configs/common.json','configs/train_autoencoder.json','configs/inference.json','configs/demo_brain.json']"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", ".",
+           "--num_samples", "1", "--sampling_method", "ddpm", "--diffusion_weights", "models/model_ddpm.pt",
+           "--latent_info_file", "models/model_ddpm.json", "--output_dir", str(tmp_path), "--progress", "false", *extra]
+    return subprocess.run(cmd, cwd=MRI_BUNDLE, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_shipped_ddpm_baseline_samples_with_its_recorded_target(tmp_path):
+    wrong = _sample_shipped_baseline(tmp_path / "wrong", "--prediction_type", "epsilon")
+    assert wrong.returncode != 0 and "set prediction_type to 'sample'" in wrong.stderr
+    done = _sample_shipped_baseline(tmp_path / "ok")  # the default target is the shipped baseline's
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "ok" / "samples.json").read_text())
+    assert manifest["sampling_method"] == "ddpm" and manifest["num_inference_steps"] == 300
+    assert "model_ddpm.pt" in manifest["weights"]
+    data = nib.load(next((tmp_path / "ok").glob("sample_*.nii.gz"))).get_fdata()
+    assert data.shape == (64, 64, 64) and np.isfinite(data).all() and data.std() > 1.0
