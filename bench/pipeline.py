@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from monai.bundle import ConfigParser
 
 from meddiff.sampling import LatentDiffusionSampler
 from meddiff.schedulers import make_sampling_scheduler
-from meddiff.utils import atomic_write_json, machine_info
+from meddiff.utils import CLOCKS, atomic_write_json, machine_info, timed
 
 logger = logging.getLogger("bench.pipeline")
 REPO = Path(__file__).resolve().parents[1]
@@ -53,25 +52,8 @@ def load_config(bundle: Path, overlay: str | None, overrides: dict[str, Any]) ->
     return parser
 
 
-#: ``"wall"``: elapsed time; ``"cpu"``: this process's CPU time (robust on a shared, loaded CPU; with
-#: ``--threads 1`` it is the compute time of one core)
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-CLOCK = ["wall"]
-
-
-def _seconds(fn: Any, device: torch.device) -> tuple[Any, float]:
-    clock = CLOCKS[CLOCK[0]]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    tic = clock()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, clock() - tic
-
-
 def run(parser: ConfigParser, volumes: int, device: torch.device, paper_steps: int | None,
-        autoencoder_weights: str | None = None) -> dict[str, Any]:
+        autoencoder_weights: str | None = None, clock: str = "wall") -> dict[str, Any]:
     """Time the default and the paper rows on ``volumes`` volumes each (see the module docstring)."""
     torch.manual_seed(0)
     autoencoder = parser.get_parsed_content("autoencoder_def").to(device).eval()
@@ -114,8 +96,8 @@ def run(parser: ConfigParser, volumes: int, device: torch.device, paper_steps: i
                                          sampling_dtype=row["sampling_dtype"], decode_dtype=row["decode_dtype"],
                                          device=device, progress=False)
         sampler.sample_latents(seeds[:1])  # warm-up (allocations, oneDNN kernel choice)
-        z, diffusion = _seconds(lambda s=sampler: s.sample_latents(seeds), device)
-        _, decode = _seconds(lambda s=sampler, z=z: [s.decode(z[i:i + 1]) for i in range(len(z))], device)
+        z, diffusion = timed(lambda s=sampler: s.sample_latents(seeds), device, clock)
+        _, decode = timed(lambda s=sampler, z=z: [s.decode(z[i:i + 1]) for i in range(len(z))], device, clock)
         scale = num_train / sampler.steps if name == "paper" else 1.0
         row.update(evaluations=sampler.steps if name == "default" else num_train,
                    measured_steps=sampler.steps, extrapolated=scale != 1.0,
@@ -131,8 +113,8 @@ def run(parser: ConfigParser, volumes: int, device: torch.device, paper_steps: i
     fp32, bf16 = decoders["float32"], decoders["bfloat16"]
     first = latents[:1]
     results["decode_bf16_max_abs_error"] = round(float((fp32.decode(first) - bf16.decode(first)).abs().max()), 5)
-    _, t32 = _seconds(lambda: fp32.decode(first), device)
-    _, t16 = _seconds(lambda: bf16.decode(first), device)
+    _, t32 = timed(lambda: fp32.decode(first), device, clock)
+    _, t16 = timed(lambda: bf16.decode(first), device, clock)
     results["decode_s_fp32"], results["decode_s_bf16"] = round(t32, 3), round(t16, 3)
     paper, default = rows["paper"], rows["default"]
     results["speedup_total"] = round(paper["total_s_per_volume"] / default["total_s_per_volume"], 2)
@@ -156,7 +138,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    CLOCK[0] = args.clock
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {}
@@ -168,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = {"bench": "pipeline", "bundle": args.bundle.name, "overlay": args.overlay, "overrides": overrides,
                "device": str(device), "machine": machine_info(),
                "volumes": args.volumes, "clock": args.clock,
-               **run(config, args.volumes, device, args.paper_steps, args.autoencoder_weights)}
+               **run(config, args.volumes, device, args.paper_steps, args.autoencoder_weights, args.clock)}
     for name in ("default", "paper"):
         row = results["rows"][name]
         print(f"{name:8s} {'ddpm' if name == 'paper' else row['method']:9s} {row['evaluations']:4d} evals  {row['sampling_dtype']:9s} "

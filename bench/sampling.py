@@ -60,7 +60,7 @@ from meddiff.metrics import (
 )
 from meddiff.sampling import LatentDiffusionSampler
 from meddiff.schedulers import is_stochastic, make_sampling_scheduler
-from meddiff.utils import atomic_write_json, machine_info
+from meddiff.utils import atomic_write_json, machine_info, timed
 
 __all__ = [
     "DEFAULT_ROWS",
@@ -150,15 +150,14 @@ def _sample(autoencoder: nn.Module, model: nn.Module, info: Mapping[str, Any], m
                                      sample_batch_size=int(settings["sample_batch_size"]),
                                      sampling_dtype=settings["sampling_dtype"], device=settings["device"],
                                      progress=False, clip_latents=bool(settings["clip_latents"]))
-    if settings["device"].type == "cuda":
-        torch.cuda.synchronize(settings["device"])
-    tic = time.perf_counter()
-    latents = sampler.sample_latents(list(seeds))
-    size = sampler.sample_batch_size
-    volumes = torch.cat([sampler.decode(latents[i:i + size]).cpu() for i in range(0, len(latents), size)])
-    if settings["device"].type == "cuda":
-        torch.cuda.synchronize(settings["device"])
-    return volumes, latents.cpu(), (time.perf_counter() - tic) / len(seeds), sampler.steps
+
+    def sample_and_decode() -> tuple[torch.Tensor, torch.Tensor]:
+        latents = sampler.sample_latents(list(seeds))
+        size = sampler.sample_batch_size
+        return torch.cat([sampler.decode(latents[i:i + size]).cpu() for i in range(0, len(latents), size)]), latents
+
+    (volumes, latents), seconds = timed(sample_and_decode, settings["device"])
+    return volumes, latents.cpu(), seconds / len(seeds), sampler.steps
 
 
 def run_sampling_bench(

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 
 from meddiff.networks import Pseudo3DUNet
-from meddiff.utils import atomic_write_json, machine_info
+from meddiff.utils import CLOCKS, atomic_write_json, machine_info, timed
 
 logger = logging.getLogger("bench.unet")
 
@@ -59,35 +58,17 @@ def build(kind: str, latent: Sequence[int], channels: Sequence[int], head_channe
                           norm_num_groups=min(norm_groups, channels[0]))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _autocast(device: torch.device, bf16: bool) -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-#: ``"wall"``: elapsed time; ``"cpu"``: this process's CPU time (robust on a shared, loaded CPU; run with
-#: ``--threads 1`` so it equals the compute time of one core)
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-CLOCK = ["wall"]
-
-
-def _median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    clock = CLOCKS[CLOCK[0]]
+def _median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device, clock: str) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        tic = clock()
-        fn()
-        _sync(device)
-        times.append(clock() - tic)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device, clock)[1] for _ in range(repeats))
 
 
-def measure(net: torch.nn.Module, latent: Sequence[int], repeats: int, device: torch.device) -> dict[str, float]:
+def measure(net: torch.nn.Module, latent: Sequence[int], repeats: int, device: torch.device,
+            clock: str = "wall") -> dict[str, float]:
     """Inference and training cost of one network on one latent (see the module docstring)."""
     net = net.to(device)
     gen = torch.Generator().manual_seed(0)
@@ -101,7 +82,7 @@ def measure(net: torch.nn.Module, latent: Sequence[int], repeats: int, device: t
         def infer(bf16: bool = bf16) -> None:
             with torch.no_grad(), _autocast(device, bf16):
                 net(x1, timesteps=t1)
-        out[f"infer_ms_{name}"] = round(_median_seconds(infer, repeats, device) * 1000, 2)
+        out[f"infer_ms_{name}"] = round(_median_seconds(infer, repeats, device, clock) * 1000, 2)
     net.train()
     optimizer = torch.optim.Adam(net.parameters(), 1e-5)
     for name, bf16 in (("fp32", False), ("bf16", True)):
@@ -112,7 +93,7 @@ def measure(net: torch.nn.Module, latent: Sequence[int], repeats: int, device: t
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        out[f"train_steps_s_{name}"] = round(1.0 / _median_seconds(train, repeats, device), 3)
+        out[f"train_steps_s_{name}"] = round(1.0 / _median_seconds(train, repeats, device, clock), 3)
     out["bf16_infer_ratio"] = round(out["infer_ms_bf16"] / out["infer_ms_fp32"], 3)
     out["bf16_train_ratio"] = round(out["train_steps_s_fp32"] / out["train_steps_s_bf16"], 3)
     saved = [0]
@@ -133,7 +114,7 @@ def measure(net: torch.nn.Module, latent: Sequence[int], repeats: int, device: t
 
 
 def run(cases: dict[str, tuple[Sequence[int], Sequence[int]]], repeats: int, baseline: str,
-        device: torch.device) -> dict[str, Any]:
+        device: torch.device, clock: str = "wall") -> dict[str, Any]:
     """Measure every network on every case; ratios against ``baseline`` in the same case."""
     results: dict[str, Any] = {}
     for case, (latent, channels) in cases.items():
@@ -141,7 +122,7 @@ def run(cases: dict[str, tuple[Sequence[int], Sequence[int]]], repeats: int, bas
         for kind in NETWORKS:
             torch.manual_seed(0)
             try:
-                rows[kind] = measure(build(kind, latent, channels), latent, repeats, device)
+                rows[kind] = measure(build(kind, latent, channels), latent, repeats, device, clock)
             except (RuntimeError, ValueError) as err:  # a latent this network cannot take
                 rows[kind] = {"error": str(err).splitlines()[0][:200]}
             logger.info("%s %s: %s", case, kind, rows[kind])
@@ -190,7 +171,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    CLOCK[0] = args.clock
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.case:
@@ -201,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     results = {"bench": "unet", "device": str(device), "machine": machine_info(),
                "repeats": args.repeats, "baseline": args.baseline, "clock": args.clock,
-               "cases": run(cases, args.repeats, args.baseline, device)}
+               "cases": run(cases, args.repeats, args.baseline, device, args.clock)}
     print(_table(results["cases"]))
     if args.out:
         atomic_write_json(args.out, results)

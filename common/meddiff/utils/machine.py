@@ -1,16 +1,22 @@
 # Copyright (c) meddiff contributors. Licensed under the Apache License, Version 2.0.
-"""What a measurement ran on, recorded beside benchmark results."""
+"""What a measurement ran on, recorded beside benchmark results, and how it is timed."""
 
 from __future__ import annotations
 
 import os
 import platform
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["machine_info"]
+__all__ = ["CLOCKS", "machine_info", "timed"]
+
+#: ``"wall"``: elapsed time; ``"cpu"``: this process's CPU time (robust on a shared, loaded CPU; with one torch
+#: thread it equals the compute time of one core)
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def machine_info() -> dict[str, Any]:
@@ -28,3 +34,15 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def timed(fn: Callable[[], Any], device: torch.device, clock: str = "wall") -> tuple[Any, float]:
+    """``fn()`` and its duration in seconds on ``clock`` (a key of :data:`CLOCKS`), CUDA synchronised around it."""
+    read = CLOCKS[clock]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    tic = read()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, read() - tic
