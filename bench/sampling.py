@@ -38,8 +38,8 @@ import itertools
 import json
 import logging
 import math
-import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -69,7 +69,12 @@ __all__ = [
     "load_bundle_models",
     "main",
     "run_sampling_bench",
+    "sampling_settings",
+    "mark_inside_band",
+    "run_info",
     "seed_subsets",
+    "seed_band",
+    "write_results",
 ]
 
 logger = logging.getLogger("bench.sampling")
@@ -287,15 +292,11 @@ def run_sampling_bench(
         results.append(row)
 
     baseline = results[0]
-    band = {name: [float(np.percentile(baseline["_subsets"][name], 5)),
-                   float(np.percentile(baseline["_subsets"][name], 95))] for name in (*LOWER_IS_BETTER, *TWO_SIDED)}
+    band = seed_band(baseline["_subsets"])
     for row in results:
         if "skipped" in row:
             continue
-        inside = {name: row[name] <= band[name][1] for name in LOWER_IS_BETTER}
-        inside.update({name: band[name][0] <= row[name] <= band[name][1] for name in TWO_SIDED})
-        row["inside"] = {name: bool(v) for name, v in inside.items()}
-        row["inside_band"] = all(inside.values())
+        mark_inside_band(row, band)
         row["time_ratio"] = row["seconds_per_volume"] / baseline["seconds_per_volume"]
         row["subset_values"] = row.pop("_subsets")
     return {
@@ -308,6 +309,84 @@ def run_sampling_bench(
                      "num_subsets": len(subsets), "pool_grid": list(POOL_GRID), "audit_factor": factor,
                      "max_shift": max_shift, "msssim": msssim_settings},
     }
+
+
+def seed_band(subset_values: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """The seed-to-seed band: 5th and 95th percentile of the baseline's per-subset values, per metric.
+
+    Args:
+        subset_values: metric name -> the baseline's value on every seed subset.
+
+    Returns:
+        ``{metric: [low, high]}`` for every metric of ``LOWER_IS_BETTER`` and ``TWO_SIDED``.
+    """
+    return {name: [float(np.percentile(subset_values[name], 5)), float(np.percentile(subset_values[name], 95))]
+            for name in (*LOWER_IS_BETTER, *TWO_SIDED)}
+
+
+def mark_inside_band(row: dict[str, Any], band: Mapping[str, Sequence[float]]) -> None:
+    """Set ``row["inside"]`` (per metric: lower-is-better ones at most the band's top, two-sided ones inside it) and
+    ``row["inside_band"]`` (all of them).
+
+    Args:
+        row: a result row with a median value per metric (modified in place).
+        band: :func:`seed_band`'s output.
+    """
+    inside = {name: row[name] <= band[name][1] for name in LOWER_IS_BETTER}
+    inside.update({name: band[name][0] <= row[name] <= band[name][1] for name in TWO_SIDED})
+    row["inside"] = {name: bool(v) for name, v in inside.items()}
+    row["inside_band"] = all(inside.values())
+
+
+def sampling_settings(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling settings a bench takes from the bundle's config and its command line.
+
+    Args:
+        cfg: the bundle's parsed config (``load_bundle_models``).
+        args: the command line (``sample_batch_size``, ``sampling_dtype``).
+
+    Returns:
+        ``num_train_timesteps``, ``schedule``, ``timestep_spacing``, ``sample_batch_size``, ``sampling_dtype`` and
+        ``device``, as keyword arguments of ``run_sampling_bench`` and ``run_sizes_bench``.
+    """
+    return {"num_train_timesteps": int(cfg.get_parsed_content("num_train_timesteps")),
+            "schedule": str(cfg.get_parsed_content("noise_schedule")),
+            "timestep_spacing": str(cfg.get("timestep_spacing", "trailing")),
+            "sample_batch_size": args.sample_batch_size, "sampling_dtype": args.sampling_dtype,
+            "device": cfg.get_parsed_content("device")}
+
+
+def run_info(script: str, argv: Sequence[str] | None, tic: float) -> dict[str, Any]:
+    """The machine, the command line and the wall time since ``tic`` (``time.perf_counter``) of a bench run.
+
+    Args:
+        script: the bench script's path from the repository root (``bench/sampling.py``).
+        argv: the arguments ``main`` got (``None``: the process's).
+        tic: ``time.perf_counter()`` at the start.
+
+    Returns:
+        ``{"machine": ..., "command": ..., "wall_seconds": ...}``.
+    """
+    return {"machine": machine_info(),
+            "command": f"python {script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "wall_seconds": time.perf_counter() - tic}
+
+
+def write_results(result: Mapping[str, Any], table: str, out: str | Path, markdown: str | Path | None,
+                  log: logging.Logger) -> None:
+    """Write ``result`` as JSON to ``out`` (atomically), ``table`` to ``markdown`` if given, and log both.
+
+    Args:
+        result: the JSON-ready result.
+        table: its Markdown table.
+        out: the JSON path.
+        markdown: the Markdown path or ``None``.
+        log: the bench's logger.
+    """
+    atomic_write_json(Path(out), result)
+    if markdown:
+        Path(markdown).write_text(table + "\n")
+    log.info("results in %s\n%s", out, table)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -440,21 +519,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result = run_sampling_bench(
             autoencoder, denoisers, heldout, training, seeds=range(args.first_seed, args.first_seed + args.seeds),
             rows=_parse_rows(args.rows), reference_steps=args.reference_steps,
-            num_train_timesteps=int(cfg.get_parsed_content("num_train_timesteps")),
-            schedule=str(cfg.get_parsed_content("noise_schedule")),
-            prediction_type=str(cfg.get_parsed_content("prediction_type")),
-            timestep_spacing=str(cfg.get("timestep_spacing", "trailing")),
-            sample_batch_size=args.sample_batch_size, sampling_dtype=args.sampling_dtype,
-            device=cfg.get_parsed_content("device"))
-    result["machine"] = machine_info()
-    result["command"] = "python bench/sampling.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
-    result["wall_seconds"] = time.perf_counter() - tic
+            prediction_type=str(cfg.get_parsed_content("prediction_type")), **sampling_settings(cfg, args))
+    result.update(run_info("bench/sampling.py", argv, tic))
     result["bundle"] = str(args.bundle)
     table = format_table(result)
-    atomic_write_json(Path(args.out), result)
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
-    logger.info("results in %s\n%s", args.out, table)
+    write_results(result, table, args.out, args.markdown, logger)
     return result
 
 

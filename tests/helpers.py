@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import numpy as np
 import torch
 from monai.networks.nets import VQVAE, PatchDiscriminator
@@ -60,3 +65,15 @@ def unit_batch(n: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
     vols = [blob_volume((size,) * 3, seed=seed + i) for i in range(n)]
     x = torch.as_tensor(np.stack(vols))[:, None]
     return (x / x.amax() * 2 - 1).float()
+
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(name: str) -> ModuleType:
+    """Import the bench script ``bench/<name>.py`` (not a package) as the module ``bench_<name>``."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"bench_{name}"] = module
+    spec.loader.exec_module(module)
+    return module

@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,19 +13,15 @@ from monai.networks.nets import VQVAE
 from torch import nn
 
 from meddiff.networks import Pseudo3DUNet
+from tests.helpers import load_bench
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "sampling.py"
 T = 20
 LATENT = [4, 4, 4, 4]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_sampling", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_sampling"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("sampling")
 
 
 class _Constant(nn.Module):

@@ -3,26 +3,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_bench
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[f"bench_{name}"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_unet_bench_toy(tmp_path):
-    unet = _load("unet")
+    unet = load_bench("unet")
     assert unet.paper_channels([8, 32, 32, 4]) == [32, 64, 128, 256]
     out = tmp_path / "unet.json"
     results = unet.main(["--case", "toy", "4", "8", "8", "4", "--channels", "8", "16", "--repeats", "1",
@@ -36,7 +28,7 @@ def test_unet_bench_toy(tmp_path):
 
 
 def test_unet_bench_reports_a_latent_a_network_cannot_take():
-    unet = _load("unet")
+    unet = load_bench("unet")
     rows = unet.run({"thin": ((4, 8, 8, 2), [8, 16, 16])}, repeats=1, baseline="monai_3d",
                     device=unet.torch.device("cpu"))["thin"]["networks"]
     assert "error" in rows["monai_3d"]  # depth 2 cannot be halved twice
@@ -45,7 +37,7 @@ def test_unet_bench_reports_a_latent_a_network_cannot_take():
 
 @pytest.mark.parametrize("paper_steps", [None, 4])
 def test_pipeline_bench_toy(tmp_path, paper_steps):
-    pipeline = _load("pipeline")
+    pipeline = load_bench("pipeline")
     toy = ["--set", "spatial_size=[16,16,8]", "--set", "autoencoder_channels=[8,16]", "--set", "unet_channels=[8,16]",
            "--set", "unet_attention_levels=[false,true]", "--set", "unet_head_channels=8", "--set", "codebook_size=16",
            "--set", "embedding_dim=4", "--set", "num_train_timesteps=12", "--set", "num_inference_steps=3"]

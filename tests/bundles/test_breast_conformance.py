@@ -76,13 +76,8 @@ def test_training_and_inference_configs_share_one_network_and_preprocessing():
 
 def test_shipped_weights_are_small_and_declared():
     assert MODEL.is_file() and MODEL.stat().st_size < 20 * 1024**2
-    entry = {}  # large_files.yml lists one file; read its "key: value" lines (PyYAML is not a dependency)
-    for line in (BREAST_BUNDLE / "large_files.yml").read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, _, value = line.strip().removeprefix("- ").partition(":")
-            entry[key.strip()] = value.strip().strip('"')
-    assert entry["path"] == "models/model.pt" and entry["hash_type"] == "sha256"
-    assert entry["hash_val"] == hashlib.sha256(MODEL.read_bytes()).hexdigest()
+    digest, path = (BREAST_BUNDLE / "weights.sha256").read_text().split()  # one file, `sha256sum -c` format
+    assert path == "models/model.pt" and digest == hashlib.sha256(MODEL.read_bytes()).hexdigest()
 
 
 def test_shipped_weights_load_and_pass_verify_net_in_out():

@@ -70,7 +70,10 @@ def test_meddiff_only_through_full_targets(config):
 
 @pytest.mark.parametrize("bundle", GENERATION_BUNDLES, ids=lambda p: p.name)
 @pytest.mark.parametrize("stage", [["train_autoencoder"], ["train_autoencoder", "train_diffusion"],
-                                   ["train_autoencoder", "inference"], ["train_autoencoder", "multi_gpu_train"]])
+                                   ["train_autoencoder", "inference"], ["train_autoencoder", "multi_gpu_train"],
+                                   ["train_autoencoder", "inference", "multi_gpu_inference"],
+                                   ["train_autoencoder", "train_diffusion", "train_controlnet"],
+                                   ["train_autoencoder", "inference", "inference_controlnet"]])
 def test_workflow_configs_parse_and_reference_defined_ids(bundle, stage):
     files = [bundle / "configs" / "common.json"] + [bundle / "configs" / f"{s}.json" for s in stage]
     parser = ConfigParser()

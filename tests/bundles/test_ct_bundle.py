@@ -129,6 +129,11 @@ def test_inference_writes_hu_nifti_pngs_and_dicom(trained):
             np.testing.assert_allclose(loaded.affine.numpy(), img.affine, atol=1e-4)
     manifest = json.loads((out / "samples.json").read_text())
     assert manifest["synthetic"] is True and len(manifest["samples"]) == 2
+    for f, record in zip(files, manifest["samples"]):
+        method = f"{manifest['sampling_method']}{manifest['num_inference_steps']}"
+        assert nib.load(f).header["descrip"].item().decode() == f"SYNTHETIC meddiff {method} seed={record['seed']}"
+        # a rerun checks every written file, the DICOM slices included
+        assert sum(name.startswith(f"{record['file'][:-7]}_dicom/") for name in record["sha256"]) == 16
 
 
 def _gap(data: Path, series: Path) -> tuple[str, str]:

@@ -24,8 +24,9 @@ def test_mri_demo_samples_the_shipped_weights(tmp_path):
     assert manifest["synthetic"] and set(manifest["weights"]) == {"model_autoencoder.pt", "model.pt"}
     volumes = sorted(samples.glob("sample_*.nii.gz"))
     assert len(volumes) == 2 and len(list(samples.glob("sample_*.png"))) == 2
-    for path in volumes:
+    for path, record in zip(volumes, manifest["samples"]):
         image = nib.load(path)
+        assert image.header["descrip"].item().decode() == f"SYNTHETIC meddiff rflow10 seed={record['seed']}"
         assert image.shape == (64, 64, 64)
         np.testing.assert_allclose(image.header.get_zooms(), (3.0, 3.0, 3.0))
         data = image.get_fdata()
@@ -37,8 +38,11 @@ def test_ct_demo_samples_the_shipped_weights_in_hounsfield_units(tmp_path):
     run_ct_demo(str(tmp_path))
     volumes = sorted(samples.glob("sample_*.nii.gz"))
     assert len(volumes) == 2
-    for path in volumes:
+    seeds = [r["seed"] for r in json.loads((samples / "samples.json").read_text())["samples"]]
+    for path, seed in zip(volumes, seeds):
         image = nib.load(path)
+        assert image.header["descrip"].item().decode().startswith("SYNTHETIC meddiff ")
+        assert image.header["descrip"].item().decode().endswith(f" seed={seed}")
         assert image.get_data_dtype() == np.int16 and image.shape == (64, 64, 64)
         hu = np.asarray(image.dataobj)
         assert hu.min() >= -1024 and hu.max() <= 1024

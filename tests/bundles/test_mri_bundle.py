@@ -84,6 +84,37 @@ def test_inference_writes_nifti_with_training_geometry(trained):
     assert np.allclose(nib.load(bundle / "again" / "sample_000.nii.gz").get_fdata(), nib.load(files[1]).get_fdata())
 
 
+def test_inference_at_another_spatial_size(trained):
+    """Trained on 16^3 (latent 4^3): sampled at 24 x 16 x 20 through the CLI (any size 4x compression and the
+    denoiser's one in-plane halving divide); a size it cannot make fails with the nearest valid sizes."""
+    bundle, overrides = trained
+    out = bundle / "outputs_24x16x20"
+    run_bundle(bundle, "inference", {**overrides, "num_samples": "1", "num_inference_steps": "2",
+                                     "spatial_size": "[24,16,20]", "output_dir": str(out)})
+    img = nib.load(out / "sample_000.nii.gz")
+    assert img.shape == (24, 16, 20) and np.allclose(img.header.get_zooms(), (2.0, 2.0, 2.0))
+    assert np.isfinite(img.get_fdata()).all()
+    assert json.loads((out / "samples.json").read_text())["latent_shape"] == [4, 6, 4, 5]
+    bad = run_bundle(bundle, "inference", {**overrides, "num_samples": "1", "spatial_size": "[20,16,18]",
+                                           "output_dir": str(bundle / "bad_size")}, check=False)
+    assert bad.returncode != 0
+    assert "spatial_size [20, 16, 18] cannot be sampled" in bad.stderr + bad.stdout
+    assert "axis 0: 20 -> nearest valid 16 or 24; axis 2: 18 -> nearest valid 16 or 20" in bad.stderr + bad.stdout
+    assert not (bundle / "bad_size").exists() or not list((bundle / "bad_size").glob("*.nii.gz"))
+
+
+def test_inference_refuses_other_num_train_timesteps(trained):
+    """The weights were trained with num_train_timesteps 300 (recorded in diffusion_model.json): 1000 is refused."""
+    bundle, overrides = trained
+    info = json.loads((bundle / "models" / "diffusion_model.json").read_text())
+    assert info["num_train_timesteps"] == 300
+    proc = run_bundle(bundle, "inference", {**overrides, "num_samples": "1", "num_train_timesteps": "1000",
+                                            "output_dir": str(bundle / "bad_t")}, check=False)
+    assert proc.returncode != 0
+    assert ("num_train_timesteps=1000 but the weights were trained with num_train_timesteps=300"
+            in proc.stderr + proc.stdout)
+
+
 # Runs `-m monai.bundle` with meddiff's install location removed from sys.path, as on a machine
 # (or MONAI Label server) that only has the exported bundle.
 _WITHOUT_MEDDIFF = (

@@ -523,25 +523,12 @@ def test_readme_command_resolves(readme, argv, cwd, line, in_block):
 
 # -- every bundle: shipped weights ------------------------------------------------------------------------
 
-def _large_files(bundle: Path) -> list[dict[str, str]]:
-    """The entries of ``large_files.yml`` (``- path:`` starts one; PyYAML is not a dependency)."""
-    entries: list[dict[str, str]] = []
-    for line in (bundle / "large_files.yml").read_text().splitlines():
-        key, _, value = line.strip().removeprefix("- ").partition(":")
-        if line.strip().startswith("- "):
-            entries.append({})
-        if entries and value:
-            entries[-1][key.strip()] = value.strip().strip('"')
-    return entries
-
-
 @pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=lambda p: p.name)
-def test_large_files_list_the_shipped_weights_with_their_hashes(bundle):
-    import hashlib
+def test_weights_manifest_lists_the_shipped_weights_with_their_hashes(bundle):
+    """Committed, so listed in ``weights.sha256``, not as url-less ``large_files.yml`` entries (tests/bundles/
+    test_zoo_export.py: the zoo submission written by ``meddiff export --zoo`` and its downloads)."""
+    from meddiff.cli.export import read_weights_manifest
 
-    entries = _large_files(bundle)
-    assert entries, f"{bundle.name}/large_files.yml lists no files"
-    for entry in entries:
-        digest = hashlib.sha256((bundle / entry["path"]).read_bytes()).hexdigest()
-        assert (entry["hash_type"], digest) == ("sha256", entry["hash_val"]), f"{bundle.name}/{entry['path']}"
-    assert sum((bundle / e["path"]).stat().st_size for e in entries) < 20 * 2**20, "shipped weights over 20 MB"
+    entries = read_weights_manifest(bundle, check=True)
+    assert not list(bundle.glob("large_files.*")), f"{bundle.name}: the zoo's CI would download url-less entries"
+    assert sum((bundle / p).stat().st_size for p in entries) < 20 * 2**20, "shipped weights over 20 MB"

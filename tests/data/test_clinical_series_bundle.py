@@ -68,3 +68,33 @@ def test_series_with_a_removed_slice_stops_naming_the_file(clinical_data: Path, 
     assert last.startswith(f"meddiff.data.errors.DataError: {series}: inconsistent slice spacing: "), last
     assert "between slice_0005.dcm and slice_0007.dcm" in last and "(missing slice?)" in last, last
     assert not [p for p in models.rglob("*") if p.is_file()], "a failed run left files behind"
+
+
+def test_ct_bundle_trains_on_planning_exports_with_rt_objects_beside_the_ct(tmp_path: Path) -> None:
+    """A radiotherapy planning export (CT + RTSTRUCT + RTPLAN + RTDOSE in one folder) is one CT series."""
+    from tests.bundles.conftest import CT_BUNDLE, ct_phantom, write_ct_patient
+    from tests.data.rt_helpers import write_rtdose, write_rtplan, write_rtstruct
+
+    axial = np.diag([-3.2, -3.2, 3.5, 1.0])  # LPS-identity, as scanners write axial CT (as in the CT bundle tests)
+    axial[:3, 3] = [30.0, 30.0, -60.0]
+    data = tmp_path / "data"
+    series = []
+    for i in range(2):
+        ct = write_ct_patient(data, f"RT-{i}", ct_phantom(seed=i), axial, decoys=())
+        files = sorted(ct.glob("slice_*.dcm"))
+        square = np.array([[4.5, 4.5], [12.5, 4.5], [12.5, 12.5], [4.5, 12.5]])
+        write_rtstruct(ct / "RS.dcm", files, rois={"Body": {k: [square] for k in range(4, 12)}})
+        write_rtplan(ct / "RP.dcm", files[0])
+        write_rtdose(ct / "RD.dcm", files[0])
+        series.append(ct)
+    models = tmp_path / "models"
+    proc = run_bundle(CT_BUNDLE, "train_autoencoder", {"dataset_dir": str(data), "ckpt_dir": str(models),
+                                                       "max_steps": "2", "val_fraction": "0.5",
+                                                       "pixdim": "[4.0,4.0,4.0]", "autoencoder_channels": "[8,16,16]"})
+    output = proc.stdout + proc.stderr
+    datalist = json.loads((models / "datalist.json").read_text())
+    images = sorted(data / item["image"] for split in ("training", "validation") for item in datalist[split])
+    assert images == sorted(series)
+    assert f"{series[0]}: not part of the image series, skipped: RD.dcm (RTDOSE), RP.dcm (RTPLAN), RS.dcm " \
+           "(RTSTRUCT)" in output, output[-3000:]
+    assert (models / "autoencoder.pt").is_file()

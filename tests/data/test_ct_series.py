@@ -102,8 +102,9 @@ def test_find_ct_volumes_one_series_per_patient_plus_nifti(tmp_path: Path, caplo
     assert found == sorted([*chosen, root / "extra_ct.nii.gz"])
     assert "stack.npy: not a CT input" in caplog.text
     assert "3 CT volumes (2 patients with DICOM, 1 NIfTI files)" in caplog.text
-    # every DICOM folder is a volume for the MRI finder, decoys included
-    assert len(find_volumes(root)) == 2 * 4 + 3  # + the second recon, the NIfTI and the .npy files
+    # every DICOM image folder is a volume for the MRI finder, CR decoys included; SR and SEG objects are not
+    assert len(find_volumes(root)) == 2 * 2 + 3  # + the second recon, the NIfTI and the .npy files
+    assert len(find_volumes(root, skip_objects=False)) == 2 * 4 + 3
 
 
 def test_patients_are_top_level_folders_then_patient_ids(tmp_path: Path) -> None:
@@ -143,11 +144,17 @@ def test_non_ct_series_sharing_a_folder_are_skipped(tmp_path: Path) -> None:
     main = _patient(tmp_path, "P1", decoys=())
     mixed = tmp_path / "P1" / "mixed"
     write_decoy_series(mixed / "a", "CR", "P1", "1.2.3")
-    write_decoy_series(mixed / "b", "SR", "P1", "1.2.3")
+    write_decoy_series(mixed / "b", "CR", "P1", "1.2.3")
     (mixed / "a" / "000001.dcm").rename(mixed / "b" / "000002.dcm")
     summary = summarize_dicom_folder(mixed / "b")
     assert summary is not None and "holds 2 series, none of them CT" in summary.reason
     assert find_ct_volumes(tmp_path) == [main]
+    # an SR beside one CR is a non-image object, not a second series
+    write_decoy_series(mixed / "c", "SR", "P1", "1.2.3")
+    (mixed / "c" / "000001.dcm").rename(mixed / "b" / "000003.dcm")
+    (mixed / "b" / "000002.dcm").unlink()
+    summary = summarize_dicom_folder(mixed / "b")
+    assert summary is not None and summary.reason == "modality CR, not CT" and summary.num_files == 1
 
 
 def test_unreadable_header_names_the_file(tmp_path: Path) -> None:

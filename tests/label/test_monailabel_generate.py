@@ -10,6 +10,7 @@ grid, values and seed reproducibility.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,3 +115,6 @@ def test_generate_returns_seeded_synthetic_volume(generate_env: dict[str, Any], 
     assert low - 1e-3 <= volume.min() and volume.max() <= high + 1e-3
     np.testing.assert_array_equal(volume, np.asarray(again.dataobj, dtype=np.float32))
     assert not np.array_equal(volume, np.asarray(other.dataobj, dtype=np.float32))
+    # the returned file says it is synthetic, how it was sampled and its seed, away from samples.json
+    for image, seed in ((first, 3), (other, 4)):
+        assert re.fullmatch(rf"SYNTHETIC meddiff [a-z_0-9]+ seed={seed}", image.header["descrip"].item().decode())

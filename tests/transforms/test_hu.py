@@ -33,7 +33,9 @@ def test_defaults_window_and_outputs() -> None:
     assert parser.get_parsed_content("output_dtype") == "int16"
     assert parser.get_parsed_content("mosaic_windows") == {"lung": [-1350.0, 150.0], "soft_tissue": [-160.0, 240.0]}
     writers = parser.get_parsed_content("extra_output_writers")
-    assert [w.enabled for w in writers] == [False]  # DICOM output is opt-in (--write_dicom true)
+    # DICOM output is opt-in (--write_dicom true): the series, then the SEG of a mask-conditioned sample's labels
+    assert [(type(w).__name__, w.enabled) for w in writers] == [("DicomSeriesOutput", False),
+                                                               ("DicomSegOutput", False)]
 
 
 def test_forward_then_inverse_within_one_hu() -> None:

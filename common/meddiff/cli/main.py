@@ -103,17 +103,20 @@ def format_json(*paths: str, check: bool = False) -> None:
     logger.info("format-json: %d file(s) %s", len(changed), "need formatting" if check else "rewritten")
 
 
-def export(bundle_dir: str, output_dir: str, with_weights: bool = True) -> str:
+def export(bundle_dir: str, output_dir: str, with_weights: bool = True, zoo: bool = False,
+           weights_url: str | None = None) -> str:
     """Copy a bundle with meddiff inside it, for MONAI Label or the model zoo (no pip install needed).
 
     Args:
         bundle_dir: the bundle folder.
         output_dir: the new folder (must not exist).
         with_weights: include ``models/*.pt`` and their JSON side files.
+        zoo: a model-zoo submission: no weight files; ``large_files.yml`` gives each one's URL and SHA-256.
+        weights_url: with ``--zoo``: the URL of the folder the files of ``weights.sha256`` are uploaded to.
     """
     from .export import export_bundle
 
-    return export_bundle(bundle_dir, output_dir, with_weights=with_weights)
+    return export_bundle(bundle_dir, output_dir, with_weights=with_weights, zoo=zoo, weights_url=weights_url)
 
 
 #: command name -> function; extend this dict to add commands

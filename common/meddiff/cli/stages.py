@@ -110,7 +110,7 @@ def check_shipped_weights(bundle_dir: str | Path, names: Sequence[str]) -> None:
 
 def ship_weights(ckpt_dir: str | Path, bundle_dir: str | Path, denoisers: Mapping[str, str | Path] | None = None,
                  extra: Mapping[str, str] | None = None, denoiser_dtype: str = "float16") -> Path:
-    """Copy a trained demo model into ``bundle_dir/models`` under the zoo's names and write ``large_files.yml``.
+    """Copy a trained demo model into ``bundle_dir/models`` under the zoo's names and write ``weights.sha256``.
 
     ``autoencoder.pt`` -> ``model_autoencoder.pt`` (as trained); each denoiser run's ``diffusion_model.pt`` /
     ``diffusion_model.json`` -> ``<stem>.pt`` / ``<stem>.json`` (the state dict stored as ``denoiser_dtype`` to
@@ -127,15 +127,15 @@ def ship_weights(ckpt_dir: str | Path, bundle_dir: str | Path, denoisers: Mappin
         denoiser_dtype: storage dtype of the denoisers' floating-point tensors.
 
     Returns:
-        The written ``large_files.yml``.
+        The written ``weights.sha256``.
     """
-    import hashlib
     import json
     import shutil
 
     import torch
 
-    from meddiff.utils.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
+    from meddiff.cli.export import write_weights_manifest
+    from meddiff.utils.atomic import atomic_torch_save, atomic_write_json
 
     def _copy(source: Path, target: Path) -> None:
         """JSON rewritten as the zoo's formatter writes it (``make lint`` checks it), anything else copied."""
@@ -162,13 +162,8 @@ def ship_weights(ckpt_dir: str | Path, bundle_dir: str | Path, denoisers: Mappin
     for name, shipped in (extra or {}).items():
         _copy(src / name, models / shipped)
         names.append(shipped)
-    lines = ["# The shipped demo weights: committed in this repository (no download URL), listed here with their",
-             "# SHA-256 so a copy can be checked (sha256sum). See docs/README.md, 'Shipped weights'.",
-             "large_files:"]
-    for name in names:
-        digest = hashlib.sha256((models / name).read_bytes()).hexdigest()
-        lines += [f'  - path: "models/{name}"', f'    hash_val: "{digest}"', '    hash_type: "sha256"']
-    out = Path(bundle_dir) / "large_files.yml"
-    atomic_write_text(out, "\n".join(lines) + "\n")
+    # committed in the repository (nothing to download): listed with their SHA-256 for `sha256sum -c`;
+    # `meddiff export --zoo --weights_url URL` turns the list into the zoo's large_files.yml
+    out = write_weights_manifest(bundle_dir, [f"models/{name}" for name in names])
     logger.info("shipped %s into %s", ", ".join(names), models)
     return out

@@ -5,12 +5,15 @@ A study often holds more than the CT scan: chest X-rays (CR/DX), segmentations (
 (SR), scouts, or a second CT reconstruction. :func:`select_ct_series` applies one documented rule, reading
 only DICOM headers (``stop_before_pixels``):
 
-1. A series (one folder; a folder holding several series is an error if any of them is CT) is a
+1. A series (one folder; a folder holding several image series is an error if any of them is CT) is a
    *candidate* when its Modality is ``CT``, it is CT Image Storage (single-frame slices) or Enhanced /
    Legacy Converted Enhanced CT Image Storage (one multi-frame file, each frame a slice), not a
    localizer/scout (ImageType ``LOCALIZER``), has ImagePositionPatient/ImageOrientationPatient (for
    multi-frame files, in the functional groups), is axial (slice normal within about 25 degrees of the
    patient's head-foot axis, ``|normal_z| >= 0.9``) and has at least ``min_slices`` slices.
+   Non-image objects in a series folder (RTSTRUCT, SEG, RTPLAN, RTDOSE, SR, PR...; see
+   :func:`~meddiff.data.readers.non_image_kind`), as in every radiotherapy planning export, are named in
+   the log and never counted as a second series; a folder holding only such objects is not a candidate.
 2. The candidate with the **most slices** wins; ties go to the thinner SliceThickness, then the lower
    SeriesNumber, then the folder name, so the choice is deterministic.
 3. Every other series is logged (INFO) with the reason it was skipped. A patient without a candidate is a
@@ -45,9 +48,11 @@ from .readers import (
     _candidate_files,
     _frame_value,
     _has_suffix,
+    _log_objects,
     dicom_series_info,
     frame_geometry,
     is_multiframe,
+    non_image_kind,
 )
 
 __all__ = ["CTSeriesSummary", "find_ct_volumes", "select_ct_series", "summarize_dicom_folder"]
@@ -181,16 +186,25 @@ def summarize_dicom_folder(folder: str | os.PathLike, min_slices: int = 16) -> C
         folder holds no DICOM files.
 
     Raises:
-        DataError: a file is unreadable, or the folder mixes several series one of which is CT.
+        DataError: a file is unreadable, or the folder mixes several image series one of which is CT (non-image
+            objects such as RTSTRUCT, SEG, RTPLAN, RTDOSE, SR or PR beside them are named in the log and skipped).
     """
     folder = Path(folder)
     files = _candidate_files(folder)
     if not files:
         return None
     by_series: dict[str, list[pydicom.Dataset]] = {}
+    objects: dict[str, list[pydicom.Dataset]] = {}  # RTSTRUCT, SEG, RTPLAN, RTDOSE, SR, PR...: not image series
     for f in files:
         ds = _read_header(f)
-        by_series.setdefault(str(ds.get("SeriesInstanceUID", "<no SeriesInstanceUID>")), []).append(ds)
+        group = objects if non_image_kind(ds) is not None else by_series
+        group.setdefault(str(ds.get("SeriesInstanceUID", "<no SeriesInstanceUID>")), []).append(ds)
+    objects_only = not by_series
+    if objects_only:  # only non-image objects (an RTSTRUCT or SR folder): summarised as before, never CT
+        by_series, objects = objects, {}
+    if objects:
+        _log_objects(folder, [(Path(str(ds.filename)), str(non_image_kind(ds))) for dss in objects.values()
+                              for ds in dss])
     firsts = {uid: dss[0] for uid, dss in by_series.items()}
     if len(by_series) > 1:
         listing = "; ".join(
@@ -201,6 +215,9 @@ def summarize_dicom_folder(folder: str | os.PathLike, min_slices: int = 16) -> C
             raise DataError(folder, f"contains {len(by_series)} DICOM series, put each in its own folder: {listing}")
         uid = sorted(by_series)[0]
         reason: str | None = f"holds {len(by_series)} series, none of them CT: {listing}"
+        if objects_only:
+            kinds = sorted({str(non_image_kind(ds)) for ds in firsts.values()})
+            reason = f"holds only non-image DICOM objects ({', '.join(kinds)}), no image series: {listing}"
     else:
         uid = next(iter(by_series))
         reason = None
@@ -244,7 +261,7 @@ def _choose(patient_dir: Path, series: Sequence[CTSeriesSummary], patient_id: st
 
 def _series_folders(root: Path) -> list[Path]:
     """DICOM series folders under ``root`` (``root`` itself included), sorted."""
-    return [p for p in find_volumes(root) if p.is_dir()]
+    return [p for p in find_volumes(root, skip_objects=False) if p.is_dir()]
 
 
 def select_ct_series(patient_dir: str | os.PathLike, min_slices: int = 16, check: bool = False) -> Path:
@@ -293,7 +310,7 @@ def find_ct_volumes(data_dir: str | os.PathLike, min_slices: int = 16) -> list[P
             patient's folder), a file is unreadable, or a folder mixes several series.
     """
     root = Path(data_dir)
-    found = find_volumes(root)
+    found = find_volumes(root, skip_objects=False)  # folders of RTSTRUCT/SEG/SR objects are listed as skipped
     volumes = [p for p in found if p.is_file() and _has_suffix(p, NIFTI_SUFFIXES)]
     for p in found:
         if p.is_file() and p not in volumes:

@@ -15,7 +15,15 @@ import pydicom
 
 from ..utils.atomic import atomic_write_json
 from .errors import DataError
-from .readers import NIFTI_SUFFIXES, NPY_SUFFIXES, LoadVolume, _candidate_files, _has_suffix, verify_datalist
+from .readers import (
+    NIFTI_SUFFIXES,
+    NPY_SUFFIXES,
+    LoadVolume,
+    _candidate_files,
+    _has_suffix,
+    non_image_kind,
+    verify_datalist,
+)
 
 __all__ = ["find_volumes", "make_datalist", "load_or_make_datalist", "VolumeFinder"]
 
@@ -25,27 +33,47 @@ VolumeFinder = Callable[[Path], list[Path]]
 logger = logging.getLogger(__name__)
 
 
-def _holds_dicom(folder: Path) -> bool:
-    """Whether ``folder`` directly holds at least one DICOM file (``.dcm`` name or DICM magic)."""
+def _is_object(path: Path) -> bool:
+    """Whether a DICOM file is a non-image object (RTSTRUCT, SEG, RTPLAN, SR...); unreadable files are not."""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["Modality", "SOPClassUID"])
+    except Exception:  # reported by the reader, naming the file
+        return False
+    return non_image_kind(header) is not None
+
+
+def _holds_dicom(folder: Path, skip_objects: bool = False) -> bool:
+    """Whether ``folder`` directly holds at least one DICOM file (``.dcm`` name or DICM magic).
+
+    With ``skip_objects``, only DICOM image files count: a folder holding only non-image objects (an RTSTRUCT,
+    SEG or SR series folder of a TCIA study) holds no volume (headers are read until the first image file).
+    """
+    objects = []
     for f in _candidate_files(folder):
-        if _has_suffix(f, (".dcm",)):
-            return True
         try:
-            if pydicom.misc.is_dicom(f):
-                return True
+            dicom = _has_suffix(f, (".dcm",)) or pydicom.misc.is_dicom(f)
         except OSError:
             continue
+        if dicom and not (skip_objects and _is_object(f)):
+            return True
+        if dicom:
+            objects.append(f.name)
+    if objects:
+        logger.info("%s: holds only non-image DICOM objects (%s), not a volume", folder, ", ".join(objects))
     return False
 
 
-def find_volumes(data_dir: str | os.PathLike) -> list[Path]:
+def find_volumes(data_dir: str | os.PathLike, skip_objects: bool = True) -> list[Path]:
     """Find every volume under ``data_dir`` (recursive; hidden files and folders are skipped).
 
-    A volume is a ``.nii``/``.nii.gz``/``.npy`` file, or a folder directly holding DICOM files (one
-    folder = one series; its sub-folders are searched too).
+    A volume is a ``.nii``/``.nii.gz``/``.npy`` file, or a folder directly holding DICOM image files (one
+    folder = one series; its sub-folders are searched too). A folder holding only non-image DICOM objects
+    (RTSTRUCT, SEG, RTPLAN, RTDOSE, SR, PR...; :func:`~meddiff.data.readers.non_image_kind`) is not a volume.
 
     Args:
         data_dir: the folder to search.
+        skip_objects: leave out folders holding only non-image DICOM objects (``False``: every folder holding
+            DICOM files, as the CT series selection lists them).
 
     Returns:
         The volume paths, sorted.
@@ -65,7 +93,7 @@ def find_volumes(data_dir: str | os.PathLike) -> list[Path]:
             for name in filenames
             if not name.startswith(".") and _has_suffix(name, NIFTI_SUFFIXES + NPY_SUFFIXES)
         ]
-        if filenames and _holds_dicom(here):
+        if filenames and _holds_dicom(here, skip_objects):
             if dirnames:
                 logger.warning("%s: holds DICOM files and sub-folders; using it as one series", here)
             found.append(here)
@@ -183,7 +211,7 @@ def load_or_make_datalist(
             :func:`find_volumes`.
 
     Returns:
-        ``{"training": [{"image": abs_path}], "validation": [...]}``.
+        ``{"training": [{"image": abs_path, ...}], "validation": [...]}`` (other keys of the items kept).
 
     Raises:
         DataError: no volumes, a bad volume, or a split file made for another folder.
@@ -200,5 +228,6 @@ def load_or_make_datalist(
     else:
         datalist = make_datalist(root, path, val_fraction=val_fraction, seed=seed, relative=True,
                                  npy_spacing=npy_spacing, verify=True, volume_finder=volume_finder)
-    return {key: [{"image": str(root / item["image"])} for item in datalist[key]]
+    # keep the items' other keys (e.g. a hand-written "class_label" for class-conditioned training)
+    return {key: [{**item, "image": str(root / item["image"])} for item in datalist[key]]
             for key in ("training", "validation")}

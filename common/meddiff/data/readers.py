@@ -47,6 +47,7 @@ __all__ = [
     "frame_geometry",
     "inspect_dicom_series",
     "is_multiframe",
+    "non_image_kind",
     "read_dicom_series",
     "LoadVolume",
     "LoadVolumed",
@@ -312,8 +313,56 @@ def check_pixel_decoder(path: PathLike, ds: pydicom.Dataset) -> None:
         )
 
 
+#: modalities of DICOM objects that are not slices of an image series (labels, plans, doses, reports...)
+NON_IMAGE_MODALITIES = frozenset(
+    {"RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "RTIMAGE", "SEG", "SR", "PR", "KO", "REG", "FID", "DOC", "PLAN",
+     "RWV", "AU", "ECG", "HD", "RESP", "REGISTRATION"}
+)
+#: SOP class UID prefixes of the same objects (for files whose Modality is missing or generic)
+_NON_IMAGE_SOP_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.481.",  # RT Image/Dose/Structure Set/Plan/Treatment Record...
+    "1.2.840.10008.5.1.4.1.1.66.",  # Segmentation, Surface Segmentation, Spatial Registration, Fiducials
+    "1.2.840.10008.5.1.4.1.1.88.",  # Structured reports, Key Object Selection
+    "1.2.840.10008.5.1.4.1.1.11.",  # Presentation states
+    "1.2.840.10008.5.1.4.1.1.104.",  # Encapsulated PDF/CDA/STL
+)
+
+
+def non_image_kind(ds: pydicom.Dataset) -> str | None:
+    """The kind of a DICOM object that is not a slice of an image series, or ``None`` for an image slice.
+
+    RT structure sets, plans, doses and records, segmentations (SEG), structured reports (SR), presentation
+    states (PR), key-object selections and registrations sit beside the image series in clinical exports
+    (e.g. a radiotherapy planning export: CT + RTSTRUCT + RTPLAN + RTDOSE); they are never a second image
+    series of the folder.
+
+    Args:
+        ds: a DICOM header.
+
+    Returns:
+        The object's Modality (e.g. ``"RTSTRUCT"``, ``"SEG"``), or ``None`` when ``ds`` is an image slice.
+    """
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality in NON_IMAGE_MODALITIES:
+        return modality
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    if sop_class.startswith(_NON_IMAGE_SOP_PREFIXES):
+        return modality or pydicom.uid.UID(sop_class).name
+    return None
+
+
+def _log_objects(folder: Path, objects: Sequence[tuple[Path, str]]) -> None:
+    """Name the non-image objects found beside an image series (INFO)."""
+    if objects:
+        listing = ", ".join(f"{p.name} ({kind})" for p, kind in objects)
+        logger.info("%s: not part of the image series, skipped: %s", folder, listing)
+
+
 def _read_dicom(path: Path) -> pydicom.Dataset:
     """Read a whole DICOM file and check its pixel data (complete, grayscale, decodable) and geometry tags.
+
+    A non-image object (:func:`non_image_kind`: RTSTRUCT, SEG, RTPLAN, RTDOSE, SR, PR...) is returned as read,
+    unchecked, for the caller to set aside.
 
     Returns:
         The dataset without its PixelData (the pixels are decoded later by :func:`dicom_pixels`).
@@ -328,6 +377,8 @@ def _read_dicom(path: Path) -> pydicom.Dataset:
             ds = pydicom.dcmread(path, force=True)  # no preamble: accept only if it parses as an image below
     except Exception as e:
         raise DataError(path, f"cannot be read (truncated or corrupt?): {type(e).__name__}: {e}") from e
+    if ("SOPClassUID" in ds or "Modality" in ds) and non_image_kind(ds) is not None:
+        return ds
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise DataError(path, "has float pixel data (parametric map), not a CT/MR image")
@@ -587,6 +638,8 @@ def dicom_series_info(folder: PathLike) -> DicomSeriesInfo:
     Reads every file in ``folder`` (not recursive; hidden files and obvious non-DICOM files such as
     DICOMDIR, ``.json`` and ``.txt`` are skipped) fully with pydicom. Single-frame files are one slice each;
     an Enhanced MR/CT (multi-frame) file gives one slice per frame, placed by its functional groups.
+    Non-image objects beside the series (:func:`non_image_kind`: RTSTRUCT, SEG, RTPLAN, RTDOSE, SR, PR...) are
+    named in the log and set aside, never counted as a second series.
 
     Slice-position rules (the slices are sorted along the normal ``row x column`` of ImageOrientationPatient):
 
@@ -625,7 +678,18 @@ def dicom_series_info(folder: PathLike) -> DicomSeriesInfo:
             raise DataError(folder, "contains no DICOM files")
     else:
         files = [folder]
-    headers = [(f, _read_dicom(f)) for f in files]
+    headers, objects = [], []
+    for f in files:
+        ds = _read_dicom(f)
+        kind = non_image_kind(ds)
+        if kind is None:
+            headers.append((f, ds))
+        else:
+            objects.append((f, kind))
+    if not headers:
+        listing = ", ".join(f"{p.name} ({kind})" for p, kind in objects)
+        raise DataError(folder, f"holds no image series, only non-image DICOM objects: {listing}")
+    _log_objects(folder, objects)
     _check_single_series(folder, headers)
 
     first_path, first = headers[0]

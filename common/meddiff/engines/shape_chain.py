@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-__all__ = ["check_shape_chain"]
+__all__ = ["check_sampling_size", "check_shape_chain", "nearest_multiples"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,3 +96,70 @@ def check_shape_chain(
     shape = [int(embedding_dim), *latent]
     logger.info("shape chain: image %s -> latent %s -> denoiser levels %s", size, shape, list(unet_channels))
     return shape
+
+
+def nearest_multiples(size: int, multiple: int) -> list[int]:
+    """The sizes divisible by ``multiple`` nearest to ``size``: the one below (if >= ``multiple``) and the one above.
+
+    Args:
+        size: a requested size along one axis.
+        multiple: what a valid size must be divisible by.
+
+    Returns:
+        ``[below, above]`` (just ``[above]`` when ``size < multiple``); ``[size]`` when it is valid.
+    """
+    if size % multiple == 0 and size >= multiple:
+        return [size]
+    below = size // multiple * multiple
+    return ([below] if below >= multiple else []) + [below + multiple]
+
+
+def check_sampling_size(
+    spatial_size: Sequence[int],
+    compression: int,
+    denoiser_factors: Sequence[int],
+    trained_latent_size: Sequence[int] | None = None,
+) -> list[int]:
+    """The latent spatial size to sample for an image size, or one error with the nearest valid sizes per axis.
+
+    A latent diffusion model can be sampled at any image size the autoencoder's compression divides and whose
+    latent the denoiser's downsampling chain accepts (see :func:`check_shape_chain`), not only at the training
+    size: the networks are convolutional. Valid sizes along an axis are the multiples of
+    ``compression * denoiser_factors[axis]``.
+
+    Args:
+        spatial_size: requested image size (H, W, D) (config key ``spatial_size``).
+        compression: the autoencoder's downsampling factor per axis, ``2 ** len(autoencoder_channels)``.
+        denoiser_factors: the denoiser's downsampling factor per latent axis: ``2 ** (len(unet_channels) - 1)``
+            in-plane and 1 along depth for the pseudo-3D UNet, ``2 ** (len(unet_channels) - 1)`` on every axis
+            for MONAI's ``DiffusionModelUNet``.
+        trained_latent_size: the training latent size (h, w, d), only for the log message.
+
+    Returns:
+        The latent spatial size ``[h, w, d]``.
+
+    Raises:
+        ValueError: naming ``spatial_size`` (and ``autoencoder_channels``/``unet_channels``, which set the
+            multiples) with the nearest valid sizes below and above on every axis that does not fit.
+    """
+    size = [int(s) for s in spatial_size]
+    factors = [int(f) for f in denoiser_factors]
+    if len(size) != 3 or min(size) < 1:
+        raise ValueError(f"spatial_size must be three positive sizes (H, W, D), got {list(spatial_size)}.")
+    if len(factors) != 3 or min(factors) < 1 or int(compression) < 1:
+        raise ValueError(f"compression ({compression}) and denoiser_factors ({list(denoiser_factors)}) must be "
+                         "positive, one denoiser factor per axis.")
+    multiples = [int(compression) * f for f in factors]
+    bad = [(axis, s, m) for axis, (s, m) in enumerate(zip(size, multiples)) if s % m]
+    if bad:
+        hints = "; ".join(f"axis {axis}: {s} -> nearest valid " + " or ".join(map(str, nearest_multiples(s, m)))
+                          for axis, s, m in bad)
+        raise ValueError(
+            f"spatial_size {size} cannot be sampled: each axis must be a multiple of {multiples} (autoencoder "
+            f"compression {compression} from autoencoder_channels x denoiser downsampling {factors} from "
+            f"unet_channels); {hints}. Set spatial_size to valid sizes.")
+    latent = [s // int(compression) for s in size]
+    if trained_latent_size is not None and list(trained_latent_size) != latent:
+        logger.warning("sampling at spatial_size %s (latent %s), not the training size (latents of size %s)",
+                       size, latent, list(trained_latent_size))
+    return latent

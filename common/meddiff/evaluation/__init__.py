@@ -4,5 +4,14 @@
 from __future__ import annotations
 
 from .evaluator import AUDIT_DEFINITION, GenerationEvaluator, json_safe
+from .fidelity import FIDELITY_DEFINITION, ConditioningFidelity, conditioning_label_file, dice_per_label
 
-__all__ = ["AUDIT_DEFINITION", "GenerationEvaluator", "json_safe"]
+__all__ = [
+    "AUDIT_DEFINITION",
+    "FIDELITY_DEFINITION",
+    "ConditioningFidelity",
+    "GenerationEvaluator",
+    "conditioning_label_file",
+    "dice_per_label",
+    "json_safe",
+]

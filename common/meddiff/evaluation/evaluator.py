@@ -35,6 +35,7 @@ from tqdm import tqdm
 import meddiff
 from meddiff.data.errors import DataError
 from meddiff.evaluation import report as rpt
+from meddiff.evaluation.fidelity import ConditioningFidelity
 from meddiff.metrics import (
     DEFAULT_MSSSIM_WEIGHTS,
     FeatureExtractor,
@@ -177,10 +178,17 @@ class GenerationEvaluator:
         report_num_pairs: closest synthetic/training pairs shown.
         num_workers: data loader workers for the real volumes.
         progress: show progress bars.
+        segmentation_bundle: a MONAI segmentation bundle folder; set, every synthetic image is segmented with it
+            and scored against the conditioning label map written beside it (``<case>_<k>_label.nii.gz`` next to
+            ``<case>_<k>_image.nii.gz``): Dice per label (:class:`meddiff.evaluation.ConditioningFidelity`).
+            ``None``: no conditioning fidelity.
+        segmentation_label_map: conditioning label -> segmenter label(s); ``None``: identity.
+        segmentation_model_file: weights of the segmentation bundle; ``None``: the bundle's own.
 
     Raises:
         ValueError: on bad settings (non-positive counts, percentile outside [0, 100], feature weights without a
             feature network, an empty intensity range).
+        FileNotFoundError: ``segmentation_bundle`` is not a folder or lacks ``configs/inference.json`` or its weights.
     """
 
     def __init__(
@@ -215,6 +223,9 @@ class GenerationEvaluator:
         report_num_pairs: int = 4,
         num_workers: int = 0,
         progress: bool = True,
+        segmentation_bundle: str | os.PathLike | None = None,
+        segmentation_label_map: Mapping[Any, Any] | None = None,
+        segmentation_model_file: str | os.PathLike | None = None,
     ) -> None:
         low, high = (float(v) for v in intensity_range)
         if low == high:
@@ -255,6 +266,9 @@ class GenerationEvaluator:
         self.report_num_pairs = int(report_num_pairs)
         self.num_workers = int(num_workers)
         self.progress = progress
+        self.fidelity = None if segmentation_bundle in (None, "") else ConditioningFidelity(
+            segmentation_bundle, label_map=segmentation_label_map, model_file=segmentation_model_file,
+            device=self.device, progress=progress)
         self._load = LoadImage(image_only=True, ensure_channel_first=True)
         self._orient = Orientation(axcodes=axcodes)
         self._to_unit = ScaleIntensityRange(a_min=low, a_max=high, b_min=-1.0, b_max=1.0, clip=True)
@@ -388,6 +402,7 @@ class GenerationEvaluator:
         """
         tic = time.perf_counter()
         files = self.synthetic_files()
+        label_files = self.fidelity.label_files(files) if self.fidelity is not None else None  # fail early
         num_train, num_val = len(self.train_dataset), len(self.val_dataset)
         if num_train == 0 or num_val == 0:
             raise ValueError(f"evaluation needs training and validation volumes, got {num_train} and {num_val} "
@@ -416,6 +431,11 @@ class GenerationEvaluator:
         syn_pairs = random_pairs(len(files), self.num_pairs, self.pair_seed)
         real_pairs = random_pairs(num_train, self.num_pairs, self.pair_seed)
         syn = self._synthetic_pass(files, expected, factor, syn_pairs, features)
+        fidelity = None
+        if self.fidelity is not None:
+            logger.info("conditioning fidelity: %d synthetic volumes segmented with %s", len(files),
+                        self.fidelity.bundle_dir)
+            fidelity = self.fidelity.evaluate(files, label_files)
         val, recon_values, recon_slices = self._validation_pass(val_paths, expected, factor, features)
         train = _Collected()
         for k, unit in self._iterate(self.train_dataset, "training volumes"):
@@ -482,6 +502,7 @@ class GenerationEvaluator:
             },
             "distribution": distribution,
             "memorization": self._audit_record(audit, syn_names, train_paths, val_paths, factor, feature_info),
+            "conditioning_fidelity": fidelity,
             "seconds": round(time.perf_counter() - tic, 1),
         }
         metrics = json_safe(metrics)
@@ -529,6 +550,7 @@ class GenerationEvaluator:
             "feature_weights": None if self.feature_weights is None else str(self.feature_weights),
             "intensity_range": self.intensity_range, "axcodes": self.axcodes, "spacing": self.spacing,
             "device": str(self.device),
+            "segmentation_bundle": None if self.fidelity is None else str(self.fidelity.bundle_dir),
         }
 
     @staticmethod
@@ -629,12 +651,29 @@ class GenerationEvaluator:
             f'({html.escape(dist["features"]["input"])}).</p>'
             + rpt.html_table(["metric", "value", "note"], rows))))
 
+        if metrics.get("conditioning_fidelity"):
+            sections.append(("Conditioning fidelity", self._fidelity_html(metrics["conditioning_fidelity"])))
         sections.append(("Memorization audit", self._audit_html(mem, audit, files, syn_names, train_names,
                                                                  val_names)))
         title = f"Generation bundle evaluation: {self.config.get('bundle_name', 'bundle')}"
         return rpt.html_report(title, sections,
                                footer=f"metrics.json holds every number; settings: "
                                       f"{html.escape(json.dumps(metrics['settings']))}")
+
+    @staticmethod
+    def _fidelity_html(fid: Mapping[str, Any]) -> str:
+        labels = list(fid["per_label"])
+        body = (f'<p class="note">Each synthetic image segmented by {html.escape(fid["segmentation_bundle"])} '
+                f'(weights {html.escape(fid["model_file"])}); {html.escape(fid["definition"])} Real images '
+                'segmented by the same bundle give the ceiling of this number.</p>')
+        body += rpt.html_table(
+            ["conditioning label", "segmenter label(s)", "mean Dice", "median", "sd", "min", "n", "undefined"],
+            [[label, s["name"], s["mean"], s["median"], s["sd"], s["min"], s["n"], s["num_undefined"]]
+             for label, s in fid["per_label"].items()])
+        body += rpt.html_table(["synthetic", "label map", *[f"Dice {label}" for label in labels]],
+                               [[c["image"], c["label"], *[c["dice"].get(label) for label in labels]]
+                                for c in fid["cases"]])
+        return body
 
     def _audit_html(self, mem: Mapping[str, Any], audit: Any, files: Sequence[Path], syn_names: Sequence[str],
                     train_names: Sequence[str], val_names: Sequence[str]) -> str:

@@ -248,8 +248,11 @@ class Pseudo3DUNet(nn.Module):
     GroupNorm statistics are computed per slice, therefore with ``depth_attention=False`` the network is
     exactly a 2D slice-wise denoiser (no operation mixes slices).
 
-    The forward signature matches MONAI's ``DiffusionInferer``/``LatentDiffusionInferer``; the model is
-    unconditional, so ``context`` and ``class_labels`` must be ``None``.
+    The forward signature matches MONAI's ``DiffusionInferer``/``LatentDiffusionInferer``; ``context`` must be
+    ``None``. With ``num_class_embeds`` a learned class embedding is added to the timestep embedding (as in MONAI's
+    ``DiffusionModelUNet``) and ``class_labels`` is required; without it (the default, the paper's unconditional
+    network, whose state dict is unchanged) ``class_labels`` must be ``None``. With ``condition_on_spacing`` the
+    output voxel spacing (``spacing``, mm) is embedded and added to the timestep embedding too (as in MAISI).
 
     Args:
         spatial_dims: number of spatial dimensions; must be 3.
@@ -274,6 +277,14 @@ class Pseudo3DUNet(nn.Module):
             the volume's ends.
         use_checkpointing: use activation checkpointing (``torch.utils.checkpoint``) on every ResNet and
             attention block during training, trading compute for memory.
+        num_class_embeds: number of class embeddings (classes plus, for classifier-free guidance, the "null"
+            class); ``None``: unconditional.
+        condition_on_spacing: condition on the output voxel spacing, as MAISI's diffusion UNet does: the
+            ``(N, 3)`` spacing in mm (per voxel axis H, W, D) is log-scaled (``log(mm)``: 1 mm -> 0, so half and
+            double the spacing are equally far from 1 mm) and mapped by a small MLP (Linear, SiLU, Linear) into
+            the timestep embedding, which it is added to. The MLP's last layer starts at zero, so the network
+            starts as the unconditioned one. ``False`` (the default): no ``spacing`` input and the state dict of
+            the unconditioned network, so older weights load unchanged.
 
     Raises:
         ValueError: for invalid argument combinations (the message names the argument).
@@ -293,6 +304,8 @@ class Pseudo3DUNet(nn.Module):
         max_relative_distance: int = 32,
         use_checkpointing: bool = False,
         depth_position: bool = False,
+        num_class_embeds: int | None = None,
+        condition_on_spacing: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims != 3:
@@ -328,6 +341,8 @@ class Pseudo3DUNet(nn.Module):
             )
         if max_relative_distance < 1:
             raise ValueError(f"max_relative_distance must be >= 1, got {max_relative_distance}.")
+        if num_class_embeds is not None and int(num_class_embeds) < 1:
+            raise ValueError(f"num_class_embeds must be None (unconditional) or >= 1, got {num_class_embeds}.")
 
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -340,6 +355,15 @@ class Pseudo3DUNet(nn.Module):
 
         temb_dim = 4 * channels[0]
         self.time_embed = nn.Sequential(nn.Linear(channels[0], temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.num_class_embeds = None if num_class_embeds is None else int(num_class_embeds)
+        self.class_embedding = None if num_class_embeds is None else nn.Embedding(int(num_class_embeds), temb_dim)
+        self.condition_on_spacing = as_bool(condition_on_spacing, "condition_on_spacing")
+        self.spacing_embed = None
+        if self.condition_on_spacing:  # log(mm) per axis -> MLP whose last layer starts at zero
+            mlp = nn.Sequential(nn.Linear(3, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+            nn.init.zeros_(mlp[2].weight)
+            nn.init.zeros_(mlp[2].bias)
+            self.spacing_embed = mlp
 
         def stage(cin: int, cout: int, attn: bool) -> _Stage:
             return _Stage(
@@ -393,6 +417,9 @@ class Pseudo3DUNet(nn.Module):
         timesteps: torch.Tensor,
         context: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
+        down_block_additional_residuals: list[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
+        spacing: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the diffusion target (e.g. noise) for a noisy volume.
 
@@ -400,16 +427,24 @@ class Pseudo3DUNet(nn.Module):
             x: noisy input of shape ``(N, in_channels, H, W, D)``; H and W divisible by
                 ``2 ** (len(channels) - 1)``, any D >= 1.
             timesteps: diffusion timesteps of shape ``(N,)``, ``(1,)`` or scalar (broadcast over the batch).
-            context: unsupported (unconditional model); must be None.
-            class_labels: unsupported (unconditional model); must be None.
+            context: unsupported; must be None.
+            class_labels: class indices of shape ``(N,)`` (long) with ``num_class_embeds``; else must be None.
+            down_block_additional_residuals: a ControlNet's residuals (``meddiff.networks.Pseudo3DControlNet``),
+                one per skip connection, each added to its skip before the decoder (as in MONAI's
+                ``DiffusionModelUNet``); ``None``: none.
+            mid_block_additional_residual: a ControlNet's residual added to the middle block's output.
+            spacing: voxel spacing in mm per axis (H, W, D), shape ``(N, 3)``, ``(1, 3)`` or ``(3,)`` (broadcast
+                over the batch), all > 0, with ``condition_on_spacing``; else must be None.
 
         Returns:
             Tensor of shape ``(N, out_channels, H, W, D)``.
         """
         if context is not None:
             raise ValueError("Pseudo3DUNet is unconditional: context must be None.")
-        if class_labels is not None:
-            raise ValueError("Pseudo3DUNet is unconditional: class_labels must be None.")
+        if class_labels is not None and self.class_embedding is None:
+            raise ValueError("Pseudo3DUNet is unconditional (num_class_embeds=None): class_labels must be None.")
+        if class_labels is None and self.class_embedding is not None:
+            raise ValueError("Pseudo3DUNet is class-conditioned (num_class_embeds set): class_labels is required.")
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (N, {self.in_channels}, H, W, D), got {_shape_str(x.shape)}.")
         f = self.downsample_factor
@@ -425,9 +460,59 @@ class Pseudo3DUNet(nn.Module):
             raise ValueError(f"timesteps must have shape (N,) = ({n},) or (1,), got {_shape_str(timesteps.shape)}.")
 
         temb = self.time_embed(_timestep_embedding(timesteps, self.channels[0]).to(x.dtype))
+        if self.class_embedding is not None and class_labels is not None:
+            class_labels = class_labels.reshape(-1).to(device=x.device, dtype=torch.long)
+            if class_labels.shape[0] != n:
+                raise ValueError(f"class_labels must have shape (N,) = ({n},), got {_shape_str(class_labels.shape)}.")
+            temb = temb + self.class_embedding(class_labels).to(temb.dtype)
+        if (spacing is None) != (self.spacing_embed is None):
+            raise ValueError("spacing must be given exactly when the network has condition_on_spacing=True.")
+        spacing_embed = self.spacing_embed
+        if spacing is not None and spacing_embed is not None:
+            spacing = spacing.to(device=x.device, dtype=torch.float32).reshape(-1, 3)
+            if spacing.shape[0] == 1:
+                spacing = spacing.expand(n, 3)
+            if spacing.shape[0] != n:
+                raise ValueError(f"spacing must have shape (N, 3) = ({n}, 3) or (1, 3), got {_shape_str(spacing.shape)}.")
+            if bool((spacing <= 0).any()):
+                raise ValueError("spacing must be > 0 mm on every axis.")
+            temb = temb + spacing_embed(spacing.log().to(temb.dtype)).to(temb.dtype)
 
         ckpt = self.use_checkpointing and self.training and torch.is_grad_enabled()
-        h = self.conv_in(x)
+        h, skips = self._encode(self.conv_in(x), temb, ckpt)
+
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals must have one tensor per skip connection "
+                                 f"({len(skips)}), got {len(down_block_additional_residuals)}.")
+            steered: list[torch.Tensor] = []
+            for i in range(len(skips)):  # an index loop: TorchScript compiles it
+                steered.append(skips[i] + down_block_additional_residuals[i].to(skips[i].dtype))
+            skips = steered
+
+        h = self.mid_block1(h, temb, ckpt)
+        h = self.mid_block2(h, temb, ckpt)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual.to(h.dtype)
+
+        for blocks, up in zip(self.up_blocks, self.upsamplers):
+            for block in blocks:
+                h = block(torch.cat([h, skips.pop()], dim=1), temb, ckpt)
+            h = up(h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _encode(self, h: torch.Tensor, temb: torch.Tensor, ckpt: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The down path from ``conv_in``'s output ``h`` (``Pseudo3DControlNet`` runs it on its copy of it).
+
+        Args:
+            h: ``conv_in``'s output ``(N, channels[0], h, w, d)``.
+            temb: timestep (+ class, spacing) embedding ``(N, 4 * channels[0])``.
+            ckpt: use activation checkpointing.
+
+        Returns:
+            The deepest features and every skip connection (``h`` first), in order.
+        """
         skips = [h]
         for blocks, down in zip(self.down_blocks, self.downsamplers):
             for block in blocks:
@@ -436,13 +521,4 @@ class Pseudo3DUNet(nn.Module):
             if not isinstance(down, nn.Identity):
                 h = down(h)
                 skips.append(h)
-
-        h = self.mid_block1(h, temb, ckpt)
-        h = self.mid_block2(h, temb, ckpt)
-
-        for blocks, up in zip(self.up_blocks, self.upsamplers):
-            for block in blocks:
-                h = block(torch.cat([h, skips.pop()], dim=1), temb, ckpt)
-            h = up(h)
-
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return h, skips

@@ -8,7 +8,9 @@ A study folder holds two parts that never mix:
   (``volume.u16.gz``: gzip-compressed little-endian uint16 in RAS+ voxel order, ``meta.json``: the linear
   map back to the stored intensities and the case's automatic window). Case ids are random and carry no
   file name, folder or label.
-* ``key.json`` — outside ``viewer/``: which case is real or synthetic, its source file and the seed.
+* ``key.json`` — outside ``viewer/``: which case is real or synthetic, its source file and the seed; with
+  ``--match_grid`` also each case's original grid and what was done to it.
+* ``matched/`` — only with ``--match_grid``: the real volumes resampled onto the synthetic grid (not served).
 
 ``ratings.sqlite`` (written by :mod:`meddiff.reader_study.server`) and ``analysis/`` (written by
 :mod:`meddiff.reader_study.analyse`) appear beside them later.
@@ -131,9 +133,9 @@ def detect_modality(data: np.ndarray) -> str:
     return "ct" if float(np.percentile(data, 1)) < _CT_P1_THRESHOLD else "mri"
 
 
-def _load(path: Path) -> _Volume:
+def _load(path: Path, img: nib.Nifti1Image | None = None) -> _Volume:
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path)) if img is None else img
         canonical = nib.as_closest_canonical(img)
         data = np.asarray(canonical.dataobj, dtype=np.float32)
     except Exception as e:  # nibabel raises many types for truncated or foreign files
@@ -171,19 +173,13 @@ def _check_consistent(volumes: Sequence[_Volume], reference: _Volume) -> None:
 
 
 def _canonical_shape(path: Path) -> tuple[int, ...]:
-    try:
-        img = nib.load(str(path))
-        shape = tuple(int(n) for n in img.shape)
-        ornt = nib.orientations.io_orientation(img.affine)
-    except Exception as e:  # nibabel raises many types for truncated or foreign files
-        raise DataError(path, f"cannot be read as NIfTI ({type(e).__name__}: {e})") from e
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise DataError(path, f"is not a 3D volume (shape {shape})")
+    """The volume's shape in RAS+ axis order (from its header)."""
+    grid = _grid_of(path)
+    if None in grid.axcodes:
+        raise DataError(path, f"has an affine with a degenerate axis (axis codes {grid.axcodes})")
     out = [0, 0, 0]
-    for i in range(3):
-        out[int(ornt[i, 0])] = shape[i]
+    for size, code in zip(grid.shape, grid.axcodes):
+        out["LRPAIS".index(code) // 2] = size
     return tuple(out)
 
 
@@ -198,6 +194,105 @@ def _check_shapes(files: Sequence[Path]) -> None:
                 f"has shape {shape} (RAS+), but {files[0].name} has {first}: "
                 "all volumes of a study must have one shape, or the shape alone tells real from synthetic",
             )
+
+
+@dataclass(frozen=True)
+class _Grid:
+    shape: tuple[int, int, int]  # in the file's voxel order
+    spacing: tuple[float, float, float]  # mm
+    axcodes: tuple[str, str, str]  # nibabel's, e.g. ("R", "A", "S")
+
+    def describe(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "spacing": [round(float(z), 6) for z in self.spacing],
+                "axcodes": "".join(self.axcodes)}
+
+
+def _grid_of(path: Path, img: nib.Nifti1Image | None = None) -> _Grid:
+    try:
+        img = nib.load(str(path)) if img is None else img
+        shape = tuple(int(n) for n in img.shape)
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+        axcodes = tuple(nib.aff2axcodes(img.affine))
+    except Exception as e:  # nibabel raises many types for truncated or foreign files
+        raise DataError(path, f"cannot be read as NIfTI ({type(e).__name__}: {e})") from e
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise DataError(path, f"is not a 3D volume (shape {shape})")
+    return _Grid(shape, zooms, axcodes)  # type: ignore[arg-type]
+
+
+def _synthetic_grid(files: Sequence[Path]) -> _Grid:
+    """The one grid (shape, voxel size, orientation) of every synthetic volume, read from the headers."""
+    first = _grid_of(files[0])
+    for f in files[1:]:
+        grid = _grid_of(f)
+        if grid.shape != first.shape or grid.axcodes != first.axcodes or not np.allclose(
+                grid.spacing, first.spacing, rtol=1e-3):
+            raise DataError(f, f"has grid {grid.describe()}, but {files[0].name} has {first.describe()}: "
+                               "--match_grid resamples the real volumes onto the synthetic volumes' grid, so the "
+                               "synthetic volumes must share one")
+    return first
+
+
+def _match_grid(path: Path, grid: _Grid) -> tuple[nib.Nifti1Image, dict[str, Any]]:
+    """Resample a real volume onto ``grid``: orientation, voxel size, then centred crop or pad to its shape.
+
+    1. ``Orientation``: axes permuted and flipped to ``grid.axcodes`` (no interpolation).
+    2. ``Spacing``: trilinear interpolation (MONAI ``mode="bilinear"`` on a 3D volume) to ``grid.spacing``;
+       along each axis that gets coarser, a Gaussian of sigma ``(new / old - 1) / 2`` voxels first (the
+       anti-aliasing of ``skimage.transform.resize``), so the real volume is not noisier than it would be
+       if acquired at the coarser spacing.
+    3. ``ResizeWithPadOrCrop``: centred crop or pad to ``grid.shape``.
+
+    Everything outside the original field of view (padding, the filter's border) is the volume's minimum,
+    its background, not zero (which would be a bright frame on CT).
+
+    Returns:
+        The resampled image (its affine carries the grid) and what was done, for the study's key.
+    """
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import GaussianSmooth, Orientation, ResizeWithPadOrCrop, Spacing
+
+    source = _grid_of(path)
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, dtype=np.float32).reshape(source.shape)
+    if not np.isfinite(data).all():
+        raise DataError(path, "contains NaN or Inf voxels")
+    background = float(data.min())
+    x = MetaTensor(torch.from_numpy(data - background)[None], affine=torch.as_tensor(img.affine, dtype=torch.float64))
+    steps: list[str] = []
+    x = Orientation(axcodes="".join(grid.axcodes), labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)  # nibabel's
+    if source.axcodes != grid.axcodes:
+        steps.append(f"reoriented {''.join(source.axcodes)} -> {''.join(grid.axcodes)} (axes permuted/flipped, "
+                     "no interpolation)")
+    spacing = tuple(float(z) for z in x.pixdim[:3])
+    if not np.allclose(spacing, grid.spacing, rtol=1e-3):
+        sigma = [max(0.0, (new / old - 1.0) / 2.0) for old, new in zip(spacing, grid.spacing)]
+        if any(sg > 0 for sg in sigma):
+            x = GaussianSmooth(sigma=sigma)(x)
+        shape_before = tuple(int(n) for n in x.shape[1:])
+        x = Spacing(pixdim=grid.spacing, mode="bilinear", padding_mode="zeros", dtype=np.float32)(x)
+        steps.append(f"resampled voxel size {_mm(spacing)} -> {_mm(grid.spacing)} mm, trilinear"
+                     + (f" after Gaussian anti-aliasing sigma {_mm(sigma)} voxels" if any(sigma) else "")
+                     + f" (shape {shape_before} -> {tuple(int(n) for n in x.shape[1:])})")
+    shape_before = tuple(int(n) for n in x.shape[1:])
+    if shape_before != grid.shape:
+        x = ResizeWithPadOrCrop(spatial_size=grid.shape, method="symmetric", mode="constant", value=0.0)(x)
+        how = ["cropped" if b > g else "padded" if b < g else "kept" for b, g in zip(shape_before, grid.shape)]
+        steps.append(f"centred crop/pad {shape_before} -> {grid.shape} ({', '.join(how)}; pad value "
+                     f"{background:g}, the volume's minimum)")
+    out = nib.Nifti1Image(np.asarray(x[0].numpy(), dtype=np.float32) + background,
+                          np.asarray(x.affine, dtype=np.float64))
+    out.header.set_xyzt_units("mm")
+    record = {"original": source.describe(), "matched": _grid_of(path, out).describe(),
+              "steps": steps or ["already on the synthetic grid: unchanged"]}
+    return out, record
+
+
+def _mm(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{float(v):g}" for v in values) + ")"
 
 
 def _write_case(case_dir: Path, case_id: str, data: np.ndarray) -> dict[str, Any]:
@@ -229,12 +324,19 @@ def build_study(
     seed: int = 0,
     title: str = "Reader study",
     questions: Sequence[dict[str, Any]] | None = None,
+    match_grid: bool = False,
 ) -> Path:
     """Build a randomised, blinded reader study of real and synthetic volumes.
 
     Equal numbers of real and synthetic volumes are drawn (seeded), shuffled and given random case ids.
     Every volume is reoriented to RAS+ by its affine, so synthetic volumes must carry a correct affine (the
     bundles' samplers write one). All volumes must share one shape and one modality (CT in HU or MRI).
+
+    With ``match_grid``, the real volumes are first resampled onto the synthetic volumes' grid (which they
+    must share): orientation, voxel size (trilinear, Gaussian anti-aliasing where the grid is coarser) and a
+    centred crop or pad with the volume's minimum (:func:`_match_grid`). The original files are only read;
+    each resampled volume is kept as ``STUDY/matched/<case_id>.nii.gz`` (beside the key, not served) and the
+    key records each case's original grid and the steps applied.
 
     Args:
         real_dir: folder of real NIfTI volumes (searched recursively).
@@ -245,13 +347,15 @@ def build_study(
         seed: seed of the draw, the shuffle, the case ids and each reader's case order.
         title: shown on the reader's page.
         questions: Likert questions (``id``, ``text``, five ``anchors``); default :data:`DEFAULT_QUESTIONS`.
+        match_grid: resample the real volumes onto the synthetic volumes' grid instead of requiring one shape.
 
     Returns:
         The study folder.
 
     Raises:
         DataError: a folder is empty or missing, a volume is unreadable, not 3D or has NaN/Inf, shapes or
-            modalities differ, ``num_cases`` is odd or larger than the folders allow, or ``out`` is in use.
+            modalities differ (with ``match_grid``: the synthetic volumes' grids differ), ``num_cases`` is odd or
+            larger than the folders allow, or ``out`` is in use.
     """
     out_path = Path(out)
     if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
@@ -279,7 +383,13 @@ def build_study(
     rng.shuffle(chosen)
     ids = rng.sample(range(1000, 10000), len(chosen))  # random 4-digit ids: the number says nothing
 
-    _check_shapes(real_files + syn_files)
+    grid: _Grid | None = None
+    if match_grid:
+        grid = _synthetic_grid(syn_files)
+        for f in real_files:
+            _grid_of(f)  # readable 3D volumes, before any voxel is read
+    else:
+        _check_shapes(real_files + syn_files)
     # the first real volume is the reference for shape and modality; volumes are converted one at a time
     order = sorted(range(len(chosen)), key=lambda i: chosen[i][0] != "real")
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -287,17 +397,29 @@ def build_study(
     try:
         reference: _Volume | None = None
         seen: list[tuple[str, _Volume]] = []
-        key: dict[str, dict[str, str]] = {}
+        key: dict[str, dict[str, Any]] = {}
         for i in order:
             truth, path = chosen[i]
-            vol = _load(path)
+            case_id = f"case-{ids[i]}"
+            record: dict[str, Any] = {"truth": truth, "source": str(path.resolve())}
+            if grid is not None and truth == "real":
+                matched, record["grid"] = _match_grid(path, grid)
+                record["matched_file"] = f"matched/{case_id}.nii.gz"
+                (tmp / "matched").mkdir(exist_ok=True)
+                nib.save(matched, str(tmp / record["matched_file"]))
+                logger.info("%s (%s): %s", path, case_id, "; ".join(record["grid"]["steps"]))
+                vol = _load(path, img=matched)
+            else:
+                vol = _load(path)
+                if grid is not None:
+                    record["grid"] = {"original": grid.describe(), "matched": grid.describe(),
+                                      "steps": ["synthetic: on the study grid, unchanged"]}
             reference = reference or vol
             _check_consistent([vol], reference)
-            case_id = f"case-{ids[i]}"
             _write_case(tmp / VIEWER_DIR / "cases" / case_id, case_id, vol.data)
             vol.data = np.empty(0, dtype=np.float32)  # keep only the metadata in memory
             seen.append((truth, vol))
-            key[case_id] = {"truth": truth, "source": str(path.resolve())}
+            key[case_id] = record
         assert reference is not None
         real_vols = [v for truth, v in seen if truth == "real"]
         spacing = np.median(np.asarray([v.spacing for v in real_vols]), axis=0)
@@ -323,8 +445,15 @@ def build_study(
             "questions": qs,
         }
         (tmp / VIEWER_DIR / "study.json").write_text(json.dumps(public, indent=1) + "\n")
-        private = {"seed": int(seed), "real_dir": str(Path(real_dir).resolve()),
-                   "synthetic_dir": str(Path(synthetic_dir).resolve()), "cases": key}
+        private: dict[str, Any] = {"seed": int(seed), "real_dir": str(Path(real_dir).resolve()),
+                                   "synthetic_dir": str(Path(synthetic_dir).resolve())}
+        if grid is not None:
+            private["match_grid"] = {
+                **grid.describe(), "reference": str(syn_files[0].resolve()),
+                "method": "MONAI Orientation; Spacing, trilinear, after a Gaussian of sigma (new/old - 1)/2 voxels "
+                          "along coarser axes; ResizeWithPadOrCrop, centred; outside the field of view the "
+                          "volume's minimum. Originals untouched; resampled real volumes in matched/."}
+        private["cases"] = key
         (tmp / KEY_FILE).write_text(json.dumps(private, indent=1) + "\n")
         if out_path.exists():
             out_path.rmdir()

@@ -13,7 +13,7 @@ logger = logging.getLogger("meddiff.cli")
 
 
 def build(real: str, synthetic: str, out: str, num_cases: int | None = None, seed: int = 0,
-          title: str = "Reader study") -> str:
+          title: str = "Reader study", match_grid: bool = False) -> str:
     """Build a blinded study of real vs synthetic NIfTI volumes; the key goes to OUT/key.json, apart from the viewer.
 
     Args:
@@ -23,10 +23,13 @@ def build(real: str, synthetic: str, out: str, num_cases: int | None = None, see
         num_cases: total cases, even (half real, half synthetic); default: all the smaller folder allows, twice.
         seed: seed of the draw, shuffle, case ids and each reader's order.
         title: shown to readers.
+        match_grid: resample the real volumes onto the synthetic volumes' grid (orientation; voxel size,
+            trilinear with anti-aliasing; centred crop/pad with the volume's minimum); originals are only read,
+            OUT/key.json records what was done to each case.
     """
     from .build import build_study
 
-    return str(build_study(real, synthetic, out, num_cases=num_cases, seed=seed, title=title))
+    return str(build_study(real, synthetic, out, num_cases=num_cases, seed=seed, title=title, match_grid=match_grid))
 
 
 def serve(study: str, port: int = 8000, host: str = "127.0.0.1") -> None:

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -14,24 +17,32 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from monai.inferers import LatentDiffusionInferer
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
 from torch import nn
 from tqdm import tqdm
 
 import meddiff
 from meddiff.data.writers import affine_from_geometry, save_mosaic_png, save_nifti
+from meddiff.engines.shape_chain import check_sampling_size
+from meddiff.sampling.guidance import classifier_free_guidance, resolve_class_labels
+from meddiff.sampling.tiled_decode import TiledDecoder
 from meddiff.schedulers import DPMSolverMultistepScheduler, RFlowSampler, check_sampling_method, is_stochastic
 from meddiff.transforms.intensity import scale_from_unit_range
+from meddiff.transforms.spacing import check_spacing
 from meddiff.utils import as_bool, atomic_write_json
 
-__all__ = ["DTYPES", "LatentDiffusionSampler", "file_sha256", "latent_diffusion_inferer", "read_latent_info",
-           "sampling_method_of"]
+__all__ = ["DTYPES", "LatentDiffusionSampler", "NIFTI_DESCRIP_BYTES", "file_sha256", "latent_diffusion_inferer",
+           "read_latent_info", "sampling_method_of", "trained_setting"]
 
 logger = logging.getLogger(__name__)
 
 #: names accepted by ``sampling_dtype`` / ``decode_dtype``
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: size of the NIfTI-1 header's ``descrip`` field
+NIFTI_DESCRIP_BYTES = 80
 
 
 def file_sha256(path: str | Path) -> str:
@@ -55,6 +66,23 @@ def read_latent_info(latent_info: str | Path | Mapping[str, Any]) -> dict[str, A
     if not path.is_file():
         raise FileNotFoundError(f"latent info {path} not found: run train_diffusion first (it writes it).")
     return json.loads(path.read_text())
+
+
+def trained_setting(latent_info: str | Path | Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """A setting the diffusion trainer recorded in the latent info (e.g. ``num_classes``), or ``default``.
+
+    Unlike :func:`read_latent_info`, a missing file gives ``default``: network definitions in
+    ``inference.json`` use this, and they are built before any training (the zoo's ``verify_net_in_out``).
+
+    Args:
+        latent_info: ``<diffusion_model>.json`` (path or dict).
+        key: the recorded setting.
+        default: value when the file or the key is absent.
+    """
+    if not isinstance(latent_info, Mapping) and not Path(latent_info).is_file():
+        return default
+    value = read_latent_info(latent_info).get(key)
+    return default if value is None else value
 
 
 def latent_diffusion_inferer(
@@ -87,6 +115,57 @@ def sampling_method_of(scheduler: nn.Module) -> str:
                      "meddiff.schedulers.make_sampling_scheduler (sampling_method ddpm, ddim, dpmpp_2m or rflow).")
 
 
+def _autoencoder_compression(autoencoder: nn.Module) -> int:
+    """Downsampling factor per axis of a MONAI ``VQVAE`` (product of its encoder's strides)."""
+    params = getattr(getattr(autoencoder, "encoder", None), "downsample_parameters", None)
+    if params is None:
+        raise ValueError(f"cannot read the downsampling factor of {type(autoencoder).__name__}: give compression "
+                         "(2 ** len(autoencoder_channels) for the bundles' VQ-GAN) with spatial_size.")
+    strides = [p[0] for p in params]
+    if any(not isinstance(s, int) for s in strides):
+        raise ValueError(f"the autoencoder's strides {strides} differ per axis: give compression with spatial_size.")
+    return math.prod(strides)
+
+
+def _denoiser_factors(model: nn.Module) -> list[int]:
+    """Downsampling factor of the denoiser per latent axis (H, W, D)."""
+    model = getattr(model, "_orig_mod", model)
+    if hasattr(model, "downsample_factor"):  # meddiff's pseudo-3D UNet: in-plane only, depth kept
+        factor = int(model.downsample_factor)
+        return [factor, factor, 1]
+    if hasattr(model, "block_out_channels"):  # MONAI's DiffusionModelUNet: every axis
+        factor = 2 ** (len(model.block_out_channels) - 1)
+        return [factor] * 3
+    return [1, 1, 1]
+
+
+def _check_training_schedule(scheduler: nn.Module, info: Mapping[str, Any], objective: str) -> None:
+    """Refuse a sampling scheduler whose ``num_train_timesteps``/``noise_schedule`` differ from the recorded ones.
+
+    Latent info files written before these keys were recorded skip the check.
+
+    Raises:
+        ValueError: naming the key and the trained value.
+    """
+    trained_steps = info.get("num_train_timesteps")
+    steps = getattr(scheduler, "num_train_timesteps", None)
+    if trained_steps is not None and steps is not None and int(steps) != int(trained_steps):
+        raise ValueError(f"num_train_timesteps={int(steps)} but the weights were trained with num_train_timesteps="
+                         f"{int(trained_steps)} (latent_info_file): set num_train_timesteps to {int(trained_steps)}.")
+    trained_schedule = info.get("noise_schedule")
+    if objective != "ddpm" or trained_schedule in (None, "None") or not hasattr(scheduler, "alphas_cumprod"):
+        return
+    schedule = getattr(scheduler, "noise_schedule", None)
+    if schedule is None:  # a scheduler built by hand: compare the schedule itself
+        reference = Scheduler(int(scheduler.num_train_timesteps), str(trained_schedule)).alphas_cumprod
+        if not torch.allclose(reference.float(), scheduler.alphas_cumprod.float(), atol=1e-6):
+            raise ValueError(f"the sampling scheduler's noise schedule is not the one the weights were trained with, "
+                             f"noise_schedule={trained_schedule!r} (latent_info_file): build it with that schedule.")
+    elif str(schedule) != str(trained_schedule):
+        raise ValueError(f"noise_schedule={schedule!r} but the weights were trained with noise_schedule="
+                         f"{trained_schedule!r} (latent_info_file): set noise_schedule to {trained_schedule!r}.")
+
+
 def _dtype(name: str, key: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"{key} must be one of {sorted(DTYPES)}, got {name!r}.")
@@ -114,7 +193,8 @@ class LatentDiffusionSampler:
             ``inferer`` when ``None``.
         output_dir: folder for :meth:`run`'s outputs.
         latent_info: ``<diffusion_model>.json`` written by the diffusion trainer (path or dict) with
-            ``scale_factor``, ``latent_shape`` and (newer runs) ``objective``/``prediction_type``.
+            ``scale_factor``, ``latent_shape`` and (newer runs) ``objective``/``prediction_type``/
+            ``num_train_timesteps``/``noise_schedule``, each checked against the scheduler when present.
         spacing: voxel spacing (mm) of the written volumes (needed by :meth:`run`).
         axcodes: orientation codes of the written volumes.
         intensity_range: output intensity range that [-1, 1] maps back to (``None``: keep [-1, 1]).
@@ -147,10 +227,41 @@ class LatentDiffusionSampler:
             ``"float32"``: no autocast).
         decode_dtype: autocast dtype of the autoencoder decode (``"float32"``: exact).
         compile_model: wrap the denoiser in ``torch.compile``.
+        decode_tile_size: latent voxels per decode tile and axis (one value or one per axis), used when
+            the output volume has more than ``decode_tile_threshold`` voxels (see
+            :class:`meddiff.sampling.tiled_decode.TiledDecoder`); ``None``: the fewest tiles of at most
+            ``decode_tile_threshold`` image voxels.
+        decode_overlap: latent voxels shared by neighbouring decode tiles (seams blended across them).
+        decode_tile_threshold: image voxels per volume above which the decode is tiled (0: always;
+            ``None``: never); default 256³.
+        spatial_size: image size (H, W, D) to sample; ``None``: the training size (``latent_shape`` in
+            ``latent_info``). Any size the autoencoder's compression divides and whose latent the denoiser's
+            downsampling accepts (:func:`meddiff.engines.check_sampling_size`); the latent channels come from
+            ``latent_info``.
+        compression: the autoencoder's downsampling factor per axis (``2 ** len(autoencoder_channels)``); read
+            from a MONAI ``VQVAE`` when ``None``. Used only with ``spatial_size``.
+        class_label: with class-conditioned weights (``num_classes`` in ``latent_info``): the class name of
+            every volume, or a list of names cycled over the volumes (volume ``i`` gets ``class_label[i % len]``,
+            keyed by its seed); ``None``: unconditional (the null class). Unconditional weights need ``None``.
+        guidance_scale: classifier-free guidance scale ``s``: the loop uses ``uncond + s * (cond - uncond)``
+            from one batched pass (``1``: the conditional prediction alone, one pass; ``0``: unconditional).
+        distributed: shard :meth:`run`'s volumes over the ranks of the initialised ``torch.distributed``
+            process group (``configs/multi_gpu_inference.json`` under ``torchrun``): the batches of
+            ``sample_batch_size`` volumes go round-robin to the ranks, so a volume is byte-identical to a
+            one-process run's; rank 0 merges the manifest. ``output_dir`` must be one folder all ranks see.
+        resume: :meth:`run` keeps the volumes an earlier run with the same settings wrote and recorded
+            (the SHA-256 of every file in ``samples.json`` or a per-rank part file) and samples only the
+            missing or altered ones; false: sample and write everything again.
+        sample_spacing: with spacing-conditioned weights (``condition_on_spacing`` in ``latent_info``): the voxel
+            spacing (mm per axis) the denoiser is conditioned on and the written volumes get (it replaces
+            ``spacing``); ``None``: ``spacing``. A spacing outside the trained ``spacing_range`` is sampled with a
+            warning. Weights trained without spacing conditioning need ``None``.
 
     Raises:
-        ValueError: bad counts or dtypes, a scheduler that cannot clip, or a sampling method or
-            prediction type that does not fit the trained weights (the message names the keys).
+        ValueError: bad counts or dtypes, a scheduler that cannot clip, a ``spatial_size`` that cannot be
+            sampled (the message gives the nearest valid sizes), or a sampling method, prediction type,
+            ``num_train_timesteps`` or ``noise_schedule`` that does not fit the trained weights (the message
+            names the keys and the trained values).
         FileNotFoundError: ``latent_info`` path missing.
     """
 
@@ -183,6 +294,16 @@ class LatentDiffusionSampler:
         sampling_dtype: str = "float32",
         decode_dtype: str = "float32",
         compile_model: bool = False,
+        decode_tile_size: int | Sequence[int] | None = None,
+        decode_overlap: int | Sequence[int] = 8,
+        decode_tile_threshold: int | None = 1 << 24,
+        spatial_size: Sequence[int] | None = None,
+        compression: int | None = None,
+        class_label: str | Sequence[str] | None = None,
+        guidance_scale: float = 3.0,
+        distributed: bool | str = False,
+        resume: bool | str = True,
+        sample_spacing: Sequence[float] | None = None,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
@@ -202,6 +323,7 @@ class LatentDiffusionSampler:
         self.device = torch.device(device)
         self.sampling_dtype = _dtype(sampling_dtype, "sampling_dtype")
         self.decode_dtype = _dtype(decode_dtype, "decode_dtype")
+        self.tiled_decoder = TiledDecoder(decode_tile_size, decode_overlap, decode_tile_threshold)
         self.autoencoder = autoencoder.to(self.device).eval()
         self.diffusion_model = diffusion_model.to(self.device).eval()
         self.network = torch.compile(self.diffusion_model) if as_bool(compile_model, "compile_model") else \
@@ -214,6 +336,7 @@ class LatentDiffusionSampler:
                              f"sampler ({type(scheduler).__name__}).")
         self.objective = str(info.get("objective", "ddpm"))
         check_sampling_method(self.sampling_method, self.objective)
+        _check_training_schedule(scheduler, info, self.objective)
         trained_type = info.get("prediction_type")
         if self.objective == "ddpm" and trained_type not in (None, "None") and \
                 str(getattr(scheduler, "prediction_type", trained_type)) != str(trained_type):
@@ -221,9 +344,12 @@ class LatentDiffusionSampler:
                 f"prediction_type={scheduler.prediction_type!r} but the weights were trained with prediction_type="
                 f"{trained_type!r} (latent_info_file): set prediction_type to {trained_type!r}.")
         self.scale_factor = float(info["scale_factor"]) if inferer is None else float(inferer.scale_factor)
-        self.latent_shape = [int(s) for s in info["latent_shape"]]
+        self.trained_latent_shape = [int(s) for s in info["latent_shape"]]
+        self.latent_shape = self._latent_shape(spatial_size, compression)
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.spacing = None if spacing is None else [float(s) for s in spacing]
+        self.condition_on_spacing = bool(info.get("condition_on_spacing", False))
+        self.sample_spacing = self._conditioning_spacing(sample_spacing, info)
         self.axcodes = axcodes
         self.intensity_range = None if intensity_range is None else [float(v) for v in intensity_range]
         self.seeds = [seed + i for i in range(num_samples)] if seeds is None else [int(s) for s in seeds]
@@ -240,6 +366,16 @@ class LatentDiffusionSampler:
         self.weights_files = [Path(p) for p in weights_files]
         self.progress = as_bool(progress, "progress")
         self.sample_batch_size = int(sample_batch_size)
+        self.num_classes = int(info.get("num_classes", 0) or 0)
+        self.class_names = [str(c) for c in info.get("class_names", [])]
+        self.guidance_scale = float(guidance_scale)
+        self.sample_classes = resolve_class_labels(class_label, info, self.num_samples)
+        self._class_of_seed = dict(zip(reversed(self.seeds), reversed(self.sample_classes)))
+        self.distributed = as_bool(distributed, "distributed")
+        if self.distributed and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("distributed=True needs torch.distributed initialised: run with torchrun and "
+                             "configs/multi_gpu_inference.json.")
+        self.resume = as_bool(resume, "resume")
         self.latent_range = None
         if as_bool(clip_latents, "clip_latents") and "latent_min" in info:
             self.latent_range = [float(info["latent_min"]), float(info["latent_max"])]
@@ -248,6 +384,41 @@ class LatentDiffusionSampler:
                 scheduler.clip_sample_values = list(self.latent_range)
             else:
                 raise ValueError(f"clip_latents needs a scheduler with clip_sample_values, got {type(scheduler).__name__}")
+
+    def _conditioning_spacing(self, sample_spacing: Sequence[float] | None, info: Mapping[str, Any]) -> list[float] | None:
+        """The spacing the denoiser is conditioned on (``None``: unconditioned weights); it becomes ``spacing``."""
+        if not self.condition_on_spacing:
+            if sample_spacing is not None:
+                raise ValueError(f"sample_spacing={list(sample_spacing)} but the weights were trained without spacing "
+                                 "conditioning (no condition_on_spacing in latent_info_file): leave sample_spacing null "
+                                 "(the volumes get pixdim) or train with condition_on_spacing=true.")
+            return None
+        if not getattr(self.diffusion_model, "condition_on_spacing", False):
+            raise ValueError("the weights were trained with condition_on_spacing=true (latent_info_file) but the "
+                             f"denoiser {type(self.diffusion_model).__name__} has no spacing input: build diffusion_def "
+                             "(@pseudo3d_unet_def) with condition_on_spacing from the latent info.")
+        source = "sample_spacing"
+        if sample_spacing is None:
+            if self.spacing is None:
+                raise ValueError("spacing-conditioned weights need sample_spacing (or spacing): the spacing to sample.")
+            sample_spacing, source = self.spacing, "spacing (pixdim; give sample_spacing)"
+        values = check_spacing(sample_spacing, source)
+        trained = info.get("spacing_range")
+        if trained and any(not lo - 1e-4 <= v <= hi + 1e-4 for v, lo, hi in zip(values, *trained)):
+            logger.warning("sample_spacing %s mm is outside the trained spacing range %s to %s mm "
+                           "(latent_info_file): the model extrapolates.", values, trained[0], trained[1])
+        self.spacing = values  # the volumes are written at the spacing they were sampled at
+        return values
+
+    def _latent_shape(self, spatial_size: Sequence[int] | None, compression: int | None) -> list[int]:
+        """The latent shape to sample: channels from ``latent_info``, spatial size from ``spatial_size``."""
+        if spatial_size is None:
+            return list(self.trained_latent_shape)
+        if compression is None:
+            compression = _autoencoder_compression(self.autoencoder)
+        latent = check_sampling_size(spatial_size, compression, _denoiser_factors(self.diffusion_model),
+                                     self.trained_latent_shape[1:])
+        return [self.trained_latent_shape[0], *latent]
 
     @property
     def steps(self) -> int:
@@ -268,31 +439,63 @@ class LatentDiffusionSampler:
         return self.scheduler.step(output, t, x, generator=generator)[0]
 
     @torch.no_grad()
-    def sample_latents(self, seeds: Sequence[int]) -> torch.Tensor:
+    def sample_latents(self, seeds: Sequence[int], class_labels: Sequence[str | None] | None = None) -> torch.Tensor:
         """Run the sampler for one volume per seed, ``sample_batch_size`` at a time.
 
         Args:
             seeds: one seed per volume (volume ``i`` of :meth:`run` uses ``seed + i``).
+            class_labels: one class name (or ``None``: unconditional) per volume; default: the ``class_label``
+                of the volume with that seed (a seed outside ``seeds``: the ``class_label`` list cycled).
 
         Returns:
             Latents as the denoiser sees them (scaled by ``scale_factor``), (N, C, h, w, d), float32, on ``device``.
         """
         seeds = [int(s) for s in seeds]
-        chunks = [seeds[i:i + self.sample_batch_size] for i in range(0, len(seeds), self.sample_batch_size)]
-        return torch.cat([self._sample_chunk(chunk) for chunk in chunks])
+        classes = self.classes_of(seeds) if class_labels is None else list(class_labels)
+        if len(classes) != len(seeds):
+            raise ValueError(f"class_labels must have one entry per seed: {len(classes)} != {len(seeds)}.")
+        size = self.sample_batch_size
+        return torch.cat([self._sample_chunk(seeds[i:i + size], classes[i:i + size])
+                          for i in range(0, len(seeds), size)])
 
-    def _sample_chunk(self, seeds: list[int]) -> torch.Tensor:
+    def classes_of(self, seeds: Sequence[int]) -> list[str | None]:
+        """The class name (``None``: unconditional) each seed is sampled with."""
+        cycled = self.sample_classes
+        return [self._class_of_seed.get(int(s), cycled[j % len(cycled)]) for j, s in enumerate(seeds)]
+
+    def _class_indices(self, classes: Sequence[str | None]) -> torch.Tensor | None:
+        """(N,) class indices on ``device`` (the null class ``num_classes`` for ``None``); ``None`` if unconditional."""
+        if not self.num_classes:
+            return None
+        index = {name: i for i, name in enumerate(self.class_names)}
+        return torch.tensor([self.num_classes if c is None else index[c] for c in classes], device=self.device)
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guided: bool) -> torch.Tensor:
+        """The denoiser's prediction, with classifier-free guidance when ``guided`` (and the sample spacing)."""
+        network = self.network
+        if self.sample_spacing is not None:  # one (1, 3) spacing, broadcast over the (guided: doubled) batch
+            network = functools.partial(network, spacing=torch.tensor([self.sample_spacing], device=x.device))
+        if labels is None:
+            return network(x, timesteps=t)
+        if not guided:
+            return network(x, timesteps=t, class_labels=labels)
+        return classifier_free_guidance(network, x, t, labels, self.num_classes, self.guidance_scale)
+
+    def _sample_chunk(self, seeds: list[int], classes: Sequence[str | None] | None = None) -> torch.Tensor:
         generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         x = torch.cat([torch.randn((1, *self.latent_shape), generator=g, device=self.device) for g in generators])
         self.scheduler.set_timesteps(self.steps)
         timesteps = self.scheduler.timesteps
         next_timesteps = torch.cat((timesteps[1:], torch.zeros(1, dtype=timesteps.dtype)))
         per_sample = is_stochastic(self.scheduler) and len(seeds) > 1
+        classes = self.classes_of(seeds) if classes is None else list(classes)
+        labels = self._class_indices(classes)
+        guided = labels is not None and self.guidance_scale != 1.0 and any(c is not None for c in classes)
         for t, next_t in tqdm(list(zip(timesteps, next_timesteps)), desc="denoising", leave=False,
-                              disable=not self.progress, dynamic_ncols=True):
+                              disable=not self.progress or self.distributed, dynamic_ncols=True):  # ranks: 1 bar
             t_batch = t.to(self.device).expand(len(seeds))
             with self._autocast(self.sampling_dtype):
-                output = self.network(x, timesteps=t_batch)
+                output = self._predict(x, t_batch, labels, guided)
             output = output.float()
             if per_sample:
                 x = torch.cat([self._step(output[i:i + 1], t, x[i:i + 1], next_t, g)
@@ -312,6 +515,8 @@ class LatentDiffusionSampler:
             Images (N, 1, H, W, D) in [-1, 1], float32, on ``device``.
         """
         z = latents.to(self.device).float() / self.scale_factor
+        if self.tiled_decoder.applies(self.autoencoder, z):  # large volumes: overlapping tiles, bounded memory
+            return self.tiled_decoder(self.autoencoder, z, lambda: self._autocast(self.decode_dtype)).clamp_(-1.0, 1.0)
         if self.decode_dtype != torch.float32 and hasattr(self.autoencoder, "quantize") and \
                 hasattr(self.autoencoder, "decode"):
             # VQ-GAN: the nearest-code search stays float32 (a bf16 distance can pick another code)
@@ -323,16 +528,17 @@ class LatentDiffusionSampler:
                 images = self.autoencoder.decode_stage_2_outputs(z)
         return images.float().clamp(-1.0, 1.0)
 
-    def generate(self, seeds: Sequence[int]) -> torch.Tensor:
+    def generate(self, seeds: Sequence[int], class_labels: Sequence[str | None] | None = None) -> torch.Tensor:
         """Sample and decode one volume per seed (no files written).
 
         Args:
             seeds: one seed per volume.
+            class_labels: one class name (``None``: unconditional) per volume; default as :meth:`sample_latents`.
 
         Returns:
             Images (N, 1, H, W, D) in [-1, 1], float32, on CPU.
         """
-        latents = self.sample_latents(seeds)
+        latents = self.sample_latents(seeds, class_labels)
         size = self.sample_batch_size
         return torch.cat([self.decode(latents[i:i + size]).cpu() for i in range(0, len(latents), size)])
 
@@ -340,8 +546,41 @@ class LatentDiffusionSampler:
         """Decoded sample ``index`` (seed ``seeds[index]``) in [-1, 1], shape (1, H, W, D), on CPU."""
         return self.generate([self.seeds[index]])[0]
 
+    def nifti_description(self, seed: int, **extra: Any) -> str:
+        """The NIfTI ``descrip`` of a generated volume: says it is synthetic, how it was sampled and its seed.
+
+        E.g. ``"SYNTHETIC meddiff rflow10 seed=3"``; ``extra`` items follow as ``key=value`` (e.g.
+        ``class=glioma g=3.0``). Cut to the field's 80 bytes (non-ASCII characters become ``?``).
+
+        Args:
+            seed: the volume's seed.
+            extra: further ``key=value`` items.
+
+        Returns:
+            ASCII text of at most :data:`NIFTI_DESCRIP_BYTES` bytes, starting with ``SYNTHETIC``.
+        """
+        text = " ".join(["SYNTHETIC meddiff", f"{self.sampling_method}{self.steps}", f"seed={int(seed)}",
+                         *(f"{key}={value}" for key, value in extra.items())])
+        text = text.encode("ascii", "replace").decode("ascii")
+        if len(text) > NIFTI_DESCRIP_BYTES:
+            logger.warning("NIfTI description cut to %d bytes: %r", NIFTI_DESCRIP_BYTES, text)
+        return text[:NIFTI_DESCRIP_BYTES]
+
     def run(self) -> list[Path]:
-        """Sample, write every volume and the manifest; returns the NIfTI paths.
+        """Sample, write every volume and the manifest ``samples.json``; returns the NIfTI paths.
+
+        Volumes are sampled in batches of ``sample_batch_size`` (volume ``i``: seed ``seeds[i]``). With
+        ``distributed``, rank ``r`` of ``W`` takes batches ``r, r + W, ...`` and writes only their files.
+        After every batch a rank records its files' SHA-256 in a part file ``samples.part-rank<r>-*.json``
+        (what a preempted run leaves behind); at the end the ranks' records are gathered and rank 0 writes
+        ``samples.json`` (atomically) and removes the part files. With ``resume``,
+        a volume whose files an earlier run with the same settings recorded and whose hashes still match is
+        kept (its files are not rewritten); a batch with a missing or altered volume is sampled again
+        whole, so the new volume is byte-identical to an uninterrupted run's, and only that volume's files
+        are written.
+
+        Returns:
+            The NIfTI paths of this rank's volumes (all of them in a one-process run).
 
         Raises:
             ValueError: ``output_dir`` or ``spacing`` not given.
@@ -349,24 +588,63 @@ class LatentDiffusionSampler:
         if self.output_dir is None or self.spacing is None:
             raise ValueError("run() writes files: give output_dir and spacing.")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        written: list[Path] = []
-        records = []
+        rank, world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
+        provenance = self._provenance()
+        earlier = self._earlier_records(provenance) if self.resume else {}
         indices = list(range(self.num_samples))
         chunks = [indices[i:i + self.sample_batch_size] for i in range(0, len(indices), self.sample_batch_size)]
-        bar = tqdm(total=self.num_samples, desc="sampling", disable=not self.progress, dynamic_ncols=True)
-        for chunk in chunks:
-            tic = time.perf_counter()
-            volumes = self.generate([self.seeds[i] for i in chunk])
-            seconds = (time.perf_counter() - tic) / len(chunk)
-            for i, volume in zip(chunk, volumes):
-                written.append(self._write(i, volume))
-                records.append({"file": written[-1].name, "seed": self.seeds[i], "seconds": round(seconds, 2)})
-                bar.update(1)
+        mine = chunks[rank::world]
+        tag = f"rank {rank}/{world}: " if world > 1 else ""
+        part = self.output_dir / f"samples.part-rank{rank}-pid{os.getpid()}.json"
+        records: dict[int, dict[str, Any]] = {}
+        written: list[Path] = []
+        generated = 0
+        bar = tqdm(total=sum(len(c) for c in mine), desc=f"{tag}sampling", disable=not self.progress,
+                   dynamic_ncols=True, position=int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else None)
+        for chunk in mine:
+            kept = {i: earlier[i] for i in chunk if i in earlier and self._verified(earlier[i])}
+            records.update(kept)
+            bar.update(len(kept))
+            if len(kept) < len(chunk):
+                tic = time.perf_counter()
+                volumes = self.generate([self.seeds[i] for i in chunk])  # the whole batch: same bytes as before
+                seconds = (time.perf_counter() - tic) / len(chunk)
+                for i, volume in zip(chunk, volumes):
+                    if i in kept:
+                        continue
+                    files = self._write(i, volume)
+                    records[i] = {"file": files[0].name, "seed": self.seeds[i], "seconds": round(seconds, 2),
+                                  "sha256": {self._relative(f): file_sha256(f) for f in files}}
+                    if self.num_classes:
+                        records[i]["class_label"] = self.sample_classes[i]
+                    generated += 1
+                    bar.update(1)
+                atomic_write_json(part, {**provenance, "samples": [records[i] for i in sorted(records)]})
+            written.extend(self.output_dir / records[i]["file"] for i in chunk)
         bar.close()
-        atomic_write_json(self.output_dir / "samples.json", {
+        logger.info("%s%d samples written, %d kept from an earlier run, in %s", tag, generated,
+                    sum(len(c) for c in mine) - generated, self.output_dir)
+        if self.distributed:
+            gathered: list[dict[int, dict[str, Any]] | None] = [None] * world
+            dist.all_gather_object(gathered, records)
+            records = {i: r for part_records in gathered for i, r in part_records.items()}
+        if rank == 0:
+            atomic_write_json(self.output_dir / "samples.json", {
+                **provenance,
+                "samples": [records[i] for i in sorted(records)],
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            })
+            for path in self.output_dir.glob("samples.part-rank*.json"):
+                path.unlink(missing_ok=True)
+        if self.distributed:
+            dist.barrier()  # samples.json exists on return, on every rank
+        return written
+
+    def _provenance(self) -> dict[str, Any]:
+        """Manifest fields of this run's settings; a recorded volume is reused only when they are unchanged."""
+        return {
             "synthetic": True,
             "note": "Synthetic images generated by a diffusion model; not for diagnosis.",
-            "samples": records,
             "scheduler": type(self.scheduler).__name__,
             "sampling_method": self.sampling_method,
             "objective": self.objective,
@@ -374,31 +652,103 @@ class LatentDiffusionSampler:
             "sample_batch_size": self.sample_batch_size,
             "sampling_dtype": str(self.sampling_dtype).replace("torch.", ""),
             "decode_dtype": str(self.decode_dtype).replace("torch.", ""),
+            "decode_tiling": {"tile_size": self.tiled_decoder.tile_size, "overlap": self.tiled_decoder.overlap,
+                              "threshold": self.tiled_decoder.threshold},
             "scale_factor": self.scale_factor,
             "latent_shape": self.latent_shape,
             "latent_clip_range": self.latent_range,
             "spacing": self.spacing,
             "axcodes": self.axcodes,
+            "intensity_range": self.intensity_range,
+            "output_dtype": str(self.output_dtype),
+            "prefix": self.prefix,
             "weights": {p.name: file_sha256(p) for p in self.weights_files if p.is_file()},
             "meddiff_version": meddiff.__version__,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        })
-        logger.info("%d samples written to %s", len(written), self.output_dir)
-        return written
+            **({"num_classes": self.num_classes, "class_names": self.class_names, "guidance_scale": self.guidance_scale,
+                "class_labels": self.sample_classes} if self.num_classes else {}),
+            **({"condition_on_spacing": True, "sample_spacing": self.sample_spacing}
+               if self.sample_spacing is not None else {}),
+        }
 
-    def _write(self, index: int, volume: torch.Tensor) -> Path:
+    def _class_fields(self, index: int) -> dict[str, Any]:
+        """NIfTI description items of volume ``index``'s class: ``class=<name> g=<guidance_scale>`` (or
+        ``class=uncond``); none for unconditional weights."""
+        if not self.num_classes:
+            return {}
+        name = self.sample_classes[index]
+        if name is None:
+            return {"class": "uncond"}
+        return {"class": name.replace(" ", "_"), "g": f"{self.guidance_scale:g}"}
+
+    def _manifests(self) -> list[Path]:
+        """``samples.json`` and the per-rank part files left in ``output_dir``, oldest first."""
+        paths = list(self.output_dir.glob("samples.part-rank*.json"))
+        whole = self.output_dir / "samples.json"
+        paths.sort(key=lambda p: p.stat().st_mtime)
+        return ([whole] if whole.is_file() else []) + paths
+
+    def _earlier_records(self, provenance: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+        """Records of earlier runs with the same settings, by volume index (files not yet verified)."""
+        names = {f"{self.prefix}_{i:03d}.nii.gz": i for i in range(self.num_samples)}
+        provenance = json.loads(json.dumps(provenance))  # as read back (tuples become lists)
+        found: dict[int, dict[str, Any]] = {}
+        for path in self._manifests():
+            try:
+                manifest = json.loads(path.read_text())
+            except (OSError, ValueError):
+                logger.warning("ignoring unreadable manifest %s", path)
+                continue
+            if not isinstance(manifest, dict):
+                continue
+            changed = sorted(k for k in provenance if manifest.get(k) != provenance[k])
+            if changed:
+                logger.info("%s was written with other settings (%s): its volumes are sampled again", path,
+                            ", ".join(changed))
+                continue
+            for record in manifest.get("samples", []):
+                i = names.get(record.get("file"))
+                if i is not None and record.get("seed") == self.seeds[i] and record.get("sha256"):
+                    found[i] = record
+        return found
+
+    def _verified(self, record: Mapping[str, Any]) -> bool:
+        """Whether every file of a record exists with its recorded SHA-256."""
+        for name, digest in record["sha256"].items():
+            path = self.output_dir / name
+            if not path.is_file() or file_sha256(path) != digest:
+                logger.info("%s is missing or altered: sampling seed %s again", path, record["seed"])
+                return False
+        return True
+
+    def _relative(self, path: Path) -> str:
+        return Path(path).relative_to(self.output_dir).as_posix()
+
+    def _write(self, index: int, volume: torch.Tensor) -> list[Path]:
+        """Write volume ``index`` (NIfTI, PNG mosaics, extra writers' outputs); returns the files, NIfTI first."""
         if self.intensity_range is not None:
             volume = scale_from_unit_range(volume, *self.intensity_range)
         affine = affine_from_geometry(self.spacing, self.axcodes, spatial_size=volume.shape[1:])
         stem = self.output_dir / f"{self.prefix}_{index:03d}"
-        nifti = save_nifti(volume, affine, stem.with_name(stem.name + ".nii.gz"), dtype=self.output_dtype)
+        nifti = save_nifti(volume, affine, stem.with_name(stem.name + ".nii.gz"), dtype=self.output_dtype,
+                           description=self.nifti_description(self.seeds[index], **self._class_fields(index)))
+        files = [nifti]
         if self.mosaic_windows is None:
-            save_mosaic_png(volume, stem.with_name(stem.name + ".png"), num_slices=self.mosaic_slices)
+            files.append(save_mosaic_png(volume, stem.with_name(stem.name + ".png"), num_slices=self.mosaic_slices))
         else:
             for name, window in self.mosaic_windows.items():
-                save_mosaic_png(volume, stem.with_name(f"{stem.name}_{name}.png"), num_slices=self.mosaic_slices,
-                                window=(float(window[0]), float(window[1])))
+                files.append(save_mosaic_png(volume, stem.with_name(f"{stem.name}_{name}.png"),
+                                             num_slices=self.mosaic_slices, window=(float(window[0]), float(window[1]))))
         for writer in self.extra_writers:
-            writer(volume, affine, stem)
+            files.extend(_output_files(writer(volume, affine, stem)))
         logger.info("wrote %s", nifti)
-        return nifti
+        return files
+
+
+def _output_files(output: Any) -> list[Path]:
+    """The files an extra writer returned: a path, a folder (its files) or several of them; ``None``: none."""
+    if output is None:
+        return []
+    if isinstance(output, (str, Path)):
+        path = Path(output)
+        return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [f for item in output for f in _output_files(item)]

@@ -36,7 +36,8 @@ def inference_timesteps(num_train_timesteps: int, num_inference_steps: int, spac
         num_inference_steps: ``N``, network evaluations.
         spacing: ``"trailing"``: ``round(T - i T / N) - 1`` (starts at ``T-1``, the pure-noise end;
             best for few steps); ``"leading"``: ``i * (T // N)`` reversed (MONAI's DDIM stride,
-            starts below ``T-1``); ``"linspace"``: ``N`` points from ``T-1`` down to ``0``.
+            starts below ``T-1``); ``"linspace"``: the first ``N`` of ``N + 1`` evenly spaced points from ``T-1``
+            down to ``0`` (``0`` left out, unless ``N = T``: the step after the last timestep lands on clean data).
 
     Returns:
         (N,) int64 tensor, strictly decreasing.
@@ -55,11 +56,13 @@ def inference_timesteps(num_train_timesteps: int, num_inference_steps: int, spac
         stride = num_train_timesteps // num_inference_steps
         steps = [i * stride for i in range(num_inference_steps)][::-1]
     elif spacing == "linspace":
-        if num_inference_steps == 1:
-            steps = [num_train_timesteps - 1]
-        else:
-            steps = [round((num_train_timesteps - 1) * (1 - i / (num_inference_steps - 1)))
-                     for i in range(num_inference_steps)]
+        # N + 1 evenly spaced points from T-1 down to 0 without the last: the step after the last listed
+        # timestep lands on clean data, so a network call at t = 0 would be wasted (and make the last
+        # second-order DPM-Solver++ step badly conditioned), as in diffusers' multistep solvers; N = T lists
+        # every timestep, 0 included (no N distinct timesteps above 0 exist)
+        steps = [round((num_train_timesteps - 1) * (1 - i / num_inference_steps)) for i in range(num_inference_steps)]
+        if num_inference_steps == num_train_timesteps:
+            steps = list(range(num_train_timesteps - 1, -1, -1))
     else:
         raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}.")
     return torch.tensor(steps, dtype=torch.long)

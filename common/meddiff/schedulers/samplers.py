@@ -254,7 +254,9 @@ def make_sampling_scheduler(
         kwargs: further constructor arguments of the scheduler (e.g. ``solver_order`` for ``dpmpp_2m``).
 
     Returns:
-        The scheduler; call ``set_timesteps`` before sampling (``ddpm`` needs all ``num_train_timesteps``).
+        The scheduler; call ``set_timesteps`` before sampling (``ddpm`` needs all ``num_train_timesteps``). Its
+        ``noise_schedule`` attribute holds ``schedule`` (not for ``rflow``), which the sampler checks against the
+        trained one.
 
     Raises:
         ValueError: unknown method or bad arguments.
@@ -263,20 +265,23 @@ def make_sampling_scheduler(
     clip = {} if clip_sample_values is None else {
         "clip_sample": True, "clip_sample_min": float(clip_sample_values[0]),
         "clip_sample_max": float(clip_sample_values[1])}
+    if method == "rflow":
+        return RFlowSampler(num_train_timesteps=num_train_timesteps, **clip, **kwargs)
     if method == "ddpm":
         scheduler: Scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule,
                                              prediction_type=prediction_type, clip_sample=bool(clip), **kwargs)
         if clip:
             scheduler.clip_sample_values = [clip["clip_sample_min"], clip["clip_sample_max"]]
-        return scheduler
-    if method == "ddim":
-        return DDIMSampler(num_train_timesteps=num_train_timesteps, schedule=schedule, prediction_type=prediction_type,
-                           eta=ddim_eta, timestep_spacing=timestep_spacing, **clip, **kwargs)
-    if method == "dpmpp_2m":
-        return DPMSolverMultistepScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule,
-                                           prediction_type=prediction_type, timestep_spacing=timestep_spacing,
-                                           **clip, **kwargs)
-    return RFlowSampler(num_train_timesteps=num_train_timesteps, **clip, **kwargs)
+    elif method == "ddim":
+        scheduler = DDIMSampler(num_train_timesteps=num_train_timesteps, schedule=schedule,
+                                prediction_type=prediction_type, eta=ddim_eta, timestep_spacing=timestep_spacing,
+                                **clip, **kwargs)
+    else:
+        scheduler = DPMSolverMultistepScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule,
+                                                prediction_type=prediction_type, timestep_spacing=timestep_spacing,
+                                                **clip, **kwargs)
+    scheduler.noise_schedule = schedule
+    return scheduler
 
 
 def make_training_scheduler(
@@ -297,14 +302,17 @@ def make_training_scheduler(
         kwargs: further constructor arguments.
 
     Returns:
-        The scheduler.
+        The scheduler (``ddpm``: its ``noise_schedule`` attribute holds ``schedule``; the diffusion trainer
+        records it in the latent info).
 
     Raises:
         ValueError: unknown objective.
     """
     if objective == "ddpm":
-        return DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule,
-                             prediction_type=prediction_type, clip_sample=False, **kwargs)
+        scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule,
+                                  prediction_type=prediction_type, clip_sample=False, **kwargs)
+        scheduler.noise_schedule = schedule
+        return scheduler
     if objective == "rflow":
         kwargs.setdefault("use_discrete_timesteps", False)
         return RFlowScheduler(num_train_timesteps=num_train_timesteps, **kwargs)

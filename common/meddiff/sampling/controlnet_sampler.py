@@ -1,0 +1,345 @@
+# Copyright (c) meddiff contributors. Licensed under the Apache License, Version 2.0.
+"""Mask-conditioned sampling: for every label map in a folder, seeded images on the same grid, with provenance."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
+from torch import nn
+from tqdm import tqdm
+
+from meddiff.data.errors import DataError
+from meddiff.data.masks import find_masks as find_mask_sources
+from meddiff.data.masks import load_mask_volume, mask_case_name
+from meddiff.data.writers import save_mosaic_png, save_nifti
+from meddiff.sampling.latent_sampler import (
+    LatentDiffusionSampler,
+    _autoencoder_compression,
+    _output_files,
+    file_sha256,
+)
+from meddiff.transforms.intensity import scale_from_unit_range
+from meddiff.transforms.label_maps import MaskAugmentation, one_hot_labels
+from meddiff.utils import atomic_write_json
+
+__all__ = ["ControlNetSampler", "find_masks", "read_controlnet_info"]
+
+logger = logging.getLogger(__name__)
+
+
+def find_masks(mask_dir: str | Path) -> list[Path]:
+    """The mask sources in ``mask_dir`` (:func:`meddiff.data.masks.find_masks`): NIfTI label maps directly in it,
+    DICOM SEG / RTSTRUCT files and image series folders holding one below it, sorted.
+
+    Args:
+        mask_dir: the folder of masks.
+
+    Returns:
+        The sources (files and folders).
+
+    Raises:
+        FileNotFoundError: ``mask_dir`` is not a folder.
+        ValueError: it holds no mask source.
+    """
+    folder = Path(mask_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"mask_dir {folder} is not a folder: give --mask_dir <folder of label maps: NIfTI, "
+                                "DICOM SEG, or image series folders with their RTSTRUCT/SEG>.")
+    try:
+        return find_mask_sources(folder)
+    except DataError as e:
+        raise ValueError(f"mask_dir {folder} holds no NIfTI label map (.nii or .nii.gz), DICOM SEG or RTSTRUCT "
+                         f"({e.problem}).") from e
+
+
+def read_controlnet_info(controlnet_info: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """The ``controlnet.json`` the ControlNet trainer writes beside its weights (path or dict).
+
+    Raises:
+        FileNotFoundError: the file does not exist (train_controlnet has not run).
+        ValueError: it has no ``num_label_classes``.
+    """
+    if isinstance(controlnet_info, Mapping):
+        info = dict(controlnet_info)
+    else:
+        path = Path(controlnet_info)
+        if not path.is_file():
+            raise FileNotFoundError(f"controlnet info {path} not found: run train_controlnet first (it writes it "
+                                    "beside the weights).")
+        info = json.loads(path.read_text())
+    if "num_label_classes" not in info:
+        raise ValueError(f"controlnet info {controlnet_info} has no num_label_classes: was it written by "
+                         "train_controlnet?")
+    return info
+
+
+class ControlNetSampler(LatentDiffusionSampler):
+    """Sample images conditioned on label maps with a ControlNet on the trained latent diffusion model.
+
+    Every mask source in ``mask_dir`` (a NIfTI label map, a DICOM SEG, an RTSTRUCT, or an image series folder
+    holding one, see :mod:`meddiff.data.masks`; DICOM labels are read onto their image series' grid; values
+    ``0..num_label_classes-1``) is brought onto the model's
+    grid (``axcodes``, ``spacing`` with nearest-neighbour resampling, padded or cropped to the sampled image
+    size), optionally deformed by ``mask_augmentation`` (seeded by the sample's seed, nearest neighbour), one-hot
+    encoded and given to the ControlNet. Mask ``j`` (sorted by name) gets ``num_samples_per_mask`` volumes with
+    seeds ``seed + j * num_samples_per_mask + k``. At every step the ControlNet's residuals, times
+    ``conditioning_scale``, go into the denoiser (the sampler passes them, as MONAI's
+    ``ControlNetDiffusionInferer`` does); the conditioning encoder of a ``Pseudo3DControlNet`` runs once per batch.
+    Any sampling method of :class:`LatentDiffusionSampler` works.
+
+    :meth:`run` writes, in ``output_dir``, for sample ``k`` of mask ``<case>`` (the source's path below ``mask_dir``,
+    :func:`~meddiff.data.masks.mask_case_name`): ``<case>_<k>_image.nii.gz`` and,
+    beside it, ``<case>_<k>_label.nii.gz`` (the label map as used) with the identical affine, a PNG mosaic,
+    ``samples.json`` (per volume: mask file and SHA-256, seed, augmentation, file hashes; the run's weight hashes
+    and ``conditioning_scale``) and ``dataset.json`` listing the pairs in MONAI's convention (``image`` +
+    ``label``), ready to train a segmentation model on. ``extra_writers`` run after the label map is written, so
+    :class:`~meddiff.sampling.DicomSegOutput` finds it (a DICOM SEG beside the synthetic DICOM series).
+
+    Args:
+        controlnet: trained ControlNet (``meddiff.networks.Pseudo3DControlNet`` or MONAI ``ControlNet``).
+        mask_dir: folder of mask sources (NIfTI, DICOM SEG, RTSTRUCT, image series folders with one).
+        controlnet_info: the ``controlnet.json`` the ControlNet trainer writes (path or dict), with
+            ``num_label_classes`` and the ``scale_factor`` of the denoiser it was trained on.
+        num_samples_per_mask: volumes per label map.
+        conditioning_scale: multiplies the ControlNet's residuals (0: the unconditioned model).
+        mask_augmentation: ``"off"``, ``"affine"``, ``"elastic"`` or a :class:`MaskAugmentation`.
+        mask_label_names: ``{ROI or segment name: label value}``, required for RTSTRUCT sources (see
+            :func:`~meddiff.data.masks.read_mask`); ``None``: SEG segments keep their numbers, NIfTI its values.
+        kwargs: :class:`LatentDiffusionSampler`'s arguments (``num_samples`` and ``seeds`` are set here;
+            ``seed`` is the base seed).
+
+    Raises:
+        ValueError: a class-conditioned denoiser, ``distributed``, bad counts, or a ControlNet trained on
+            another denoiser (its ``scale_factor`` differs from ``latent_info``'s).
+        FileNotFoundError: ``mask_dir`` or ``controlnet_info`` missing.
+    """
+
+    def __init__(
+        self,
+        controlnet: nn.Module,
+        mask_dir: str | Path,
+        controlnet_info: str | Path | Mapping[str, Any],
+        num_samples_per_mask: int = 1,
+        conditioning_scale: float = 1.0,
+        mask_augmentation: str | MaskAugmentation = "off",
+        mask_label_names: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if int(num_samples_per_mask) < 1:
+            raise ValueError(f"num_samples_per_mask must be >= 1, got {num_samples_per_mask}.")
+        info = read_controlnet_info(controlnet_info)
+        self.masks = find_masks(mask_dir)
+        self.mask_dir = Path(mask_dir)
+        self.mask_label_names = dict(mask_label_names) if mask_label_names else None
+        self.num_samples_per_mask = int(num_samples_per_mask)
+        base = int(kwargs.pop("seed", 0))
+        kwargs.pop("num_samples", None)
+        kwargs.pop("seeds", None)
+        total = len(self.masks) * self.num_samples_per_mask
+        super().__init__(num_samples=total, seeds=list(range(base, base + total)), seed=base, **kwargs)
+        if self.num_classes:
+            raise ValueError("mask-conditioned sampling supports unconditional denoisers only (num_classes=0).")
+        if self.condition_on_spacing:
+            raise ValueError("mask-conditioned sampling supports denoisers without spacing conditioning only "
+                             "(condition_on_spacing=false).")
+        if self.distributed:
+            raise ValueError("mask-conditioned sampling runs in one process: set distributed to false.")
+        trained_scale = info.get("scale_factor")
+        if trained_scale is not None and abs(float(trained_scale) - self.scale_factor) > 1e-6 * abs(self.scale_factor):
+            raise ValueError(f"the ControlNet was trained on a denoiser with scale_factor {float(trained_scale):.6f} "
+                             f"(controlnet_info) but latent_info_file has {self.scale_factor:.6f}: use the "
+                             "denoiser it was trained on.")
+        self.num_label_classes = int(info["num_label_classes"])
+        self.controlnet = controlnet.to(self.device).eval()
+        self.conditioning_scale = float(conditioning_scale)
+        self.augment = mask_augmentation if isinstance(mask_augmentation, MaskAugmentation) else \
+            MaskAugmentation(str(mask_augmentation))
+        compression = kwargs.get("compression") or _autoencoder_compression(self.autoencoder)
+        self.image_size = [int(s) * int(compression) for s in self.latent_shape[1:]]
+        self.prefix = "controlnet"
+        self._cond: torch.Tensor | None = None
+        self._cond_embedding: torch.Tensor | None = None
+
+    # -- conditioning --------------------------------------------------------------------------
+    def load_mask(self, path: str | Path) -> torch.Tensor:
+        """A label map on the model's grid: ``(1, H, W, D)`` MetaTensor (affine = its world geometry).
+
+        Args:
+            path: a mask source (see :func:`~meddiff.data.masks.read_mask`).
+
+        Returns:
+            The label map.
+
+        Raises:
+            ValueError: values outside ``0..num_label_classes-1`` (naming the file), or the reader's errors.
+        """
+        return self.load_mask_source(path)[0]
+
+    def load_mask_source(self, path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
+        """:meth:`load_mask` and the reader's provenance (``sha256`` of the label file, ``kind``, ``image``).
+
+        Args:
+            path: a mask source.
+
+        Returns:
+            ``(label, meta)``.
+        """
+        label, meta = load_mask_volume(Path(path), self.mask_label_names)
+        label = Orientation(axcodes=self.axcodes)(label)
+        label = Spacing(pixdim=self.spacing, mode="nearest")(label)
+        label = ResizeWithPadOrCrop(spatial_size=self.image_size, value=0)(label)
+        label = label.round()
+        one_hot_labels(label, self.num_label_classes, f"label map {meta['label_file']}")
+        return label, meta
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guided: bool) -> torch.Tensor:
+        """The denoiser's prediction with the ControlNet's residuals times ``conditioning_scale``."""
+        if self._cond is None:
+            raise ValueError("no condition set: sample through run() or generate_for_masks().")
+        if self._cond_embedding is None and hasattr(self.controlnet, "embed_condition"):
+            self._cond_embedding = self.controlnet.embed_condition(self._cond)
+        if self._cond_embedding is not None:
+            down, mid = self.controlnet(x, timesteps=t, condition_embedding=self._cond_embedding)
+        else:
+            down, mid = self.controlnet(x=x, timesteps=t, controlnet_cond=self._cond)
+        scale = self.conditioning_scale
+        if scale != 1.0:
+            down, mid = [r * scale for r in down], mid * scale
+        return self.network(x, timesteps=t, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+    @torch.no_grad()
+    def generate_for_masks(self, labels: list[torch.Tensor], seeds: list[int]) -> torch.Tensor:
+        """Sample and decode one volume per (label map, seed), ``sample_batch_size`` at a time.
+
+        Args:
+            labels: label maps ``(1, H, W, D)`` on the model's grid (after augmentation).
+            seeds: one seed per map.
+
+        Returns:
+            Images ``(N, 1, H, W, D)`` in [-1, 1], float32, on CPU.
+        """
+        out = []
+        size = self.sample_batch_size
+        for i in range(0, len(seeds), size):
+            cond = torch.stack([one_hot_labels(torch.as_tensor(lab), self.num_label_classes)
+                                for lab in labels[i:i + size]]).to(self.device)
+            self._cond, self._cond_embedding = cond, None
+            try:
+                latents = self._sample_chunk(seeds[i:i + size], [None] * len(seeds[i:i + size]))
+            finally:
+                self._cond, self._cond_embedding = None, None
+            out.append(self.decode(latents).cpu())
+        return torch.cat(out)
+
+    # -- files ---------------------------------------------------------------------------------
+    def nifti_description(self, seed: int, **extra: Any) -> str:
+        """As :meth:`LatentDiffusionSampler.nifti_description`, plus ``cs=<conditioning_scale>``."""
+        return super().nifti_description(seed, cs=f"{self.conditioning_scale:g}", **extra)
+
+    def _provenance(self) -> dict[str, Any]:
+        return {**super()._provenance(), "conditioning_scale": self.conditioning_scale,
+                "num_samples_per_mask": self.num_samples_per_mask, "num_label_classes": self.num_label_classes,
+                "mask_augmentation": self.augment.describe(), "controlnet": type(self.controlnet).__name__,
+                "image_size": self.image_size}
+
+    def _earlier(self, provenance: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Records of an earlier run with the same settings, by image file name."""
+        path = self.output_dir / "samples.json"
+        if not self.resume or not path.is_file():
+            return {}
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        provenance = json.loads(json.dumps(provenance))
+        if any(manifest.get(k) != v for k, v in provenance.items()):
+            logger.info("%s was written with other settings: every volume is sampled again", path)
+            return {}
+        return {r["file"]: r for r in manifest.get("samples", []) if isinstance(r, dict) and "file" in r}
+
+    def run(self) -> list[Path]:
+        """Sample ``num_samples_per_mask`` volumes per label map and write them with their maps; see the class.
+
+        Returns:
+            The image NIfTI paths.
+        """
+        if self.output_dir is None or self.spacing is None:
+            raise ValueError("run() writes files: give output_dir and spacing.")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        provenance = self._provenance()
+        earlier = self._earlier(provenance)
+        records: list[dict[str, Any]] = []
+        bar = tqdm(total=self.num_samples, desc="sampling", disable=not self.progress, dynamic_ncols=True)
+        n = self.num_samples_per_mask
+        for j, mask_path in enumerate(self.masks):
+            mask, mask_meta = self.load_mask_source(mask_path)
+            mask_hash = mask_meta["sha256"]  # of the label file (the SEG or RTSTRUCT of a folder source)
+            affine = np.asarray(torch.as_tensor(mask.affine).double().cpu())  # the grid of image and label
+            case = mask_case_name(mask_path, self.mask_dir)
+            seeds = self.seeds[j * n:(j + 1) * n]
+            stems = [f"{case}_{k:03d}" for k in range(n)]
+            for start in range(0, n, self.sample_batch_size):
+                part = list(range(start, min(start + self.sample_batch_size, n)))
+                kept = [earlier.get(f"{stems[k]}_image.nii.gz") for k in part]
+                if all(r is not None and r.get("seed") == seeds[k] and self._verified(r) for r, k in zip(kept, part)):
+                    records.extend(kept)
+                    bar.update(len(part))
+                    continue
+                labels = [self.augment(mask, seeds[k]) for k in part]
+                tic = time.perf_counter()
+                volumes = self.generate_for_masks(labels, [seeds[k] for k in part])
+                seconds = (time.perf_counter() - tic) / len(part)
+                for k, label, volume in zip(part, labels, volumes):
+                    files = self._write_pair(stems[k], volume, label, affine, seeds[k], mask_hash)
+                    records.append({"file": files[0].name, "label_file": files[1].name, "seed": seeds[k],
+                                    "mask": str(mask_path), "mask_sha256": mask_hash,
+                                    "mask_kind": mask_meta["kind"], "mask_label_file": mask_meta["label_file"],
+                                    "mask_augmentation": self.augment.describe(), "seconds": round(seconds, 2),
+                                    "sha256": {self._relative(f): file_sha256(f) for f in files}})
+                    bar.update(1)
+        bar.close()
+        atomic_write_json(self.output_dir / "samples.json",
+                          {**provenance, "samples": records, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        atomic_write_json(self.output_dir / "dataset.json", {
+            "name": "synthetic image + label pairs (meddiff ControlNet)",
+            "description": "Synthetic images generated by a diffusion model from label maps; not for diagnosis.",
+            "labels": {str(i): f"class_{i}" for i in range(self.num_label_classes)},
+            "numTraining": len(records),
+            "training": [{"image": r["file"], "label": r["label_file"]} for r in records],
+        })
+        logger.info("%d mask-conditioned samples for %d label maps in %s", len(records), len(self.masks),
+                    self.output_dir)
+        return [self.output_dir / r["file"] for r in records]
+
+    def _write_pair(self, stem: str, volume: torch.Tensor, label: torch.Tensor, affine: np.ndarray, seed: int,
+                    mask_hash: str) -> list[Path]:
+        """Write image and label with the label map's affine; returns the files, image and label first."""
+        if self.intensity_range is not None:
+            volume = scale_from_unit_range(volume, *self.intensity_range)
+        base = self.output_dir / stem
+        extra = {"mask": mask_hash[:8]}
+        if self.augment.mode != "off":
+            extra["aug"] = self.augment.mode
+        image = save_nifti(volume, affine, base.with_name(f"{stem}_image.nii.gz"), dtype=self.output_dtype,
+                           description=self.nifti_description(seed, **extra))
+        label_file = save_nifti(torch.as_tensor(label).as_subclass(torch.Tensor), affine, base.with_name(f"{stem}_label.nii.gz"),
+                                dtype=np.uint8)
+        files = [image, label_file]
+        if self.mosaic_windows is None:
+            files.append(save_mosaic_png(volume, base.with_name(f"{stem}_image.png"), num_slices=self.mosaic_slices))
+        else:  # e.g. the CT bundle's lung / soft-tissue windows
+            for name, window in self.mosaic_windows.items():
+                files.append(save_mosaic_png(volume, base.with_name(f"{stem}_image_{name}.png"),
+                                             num_slices=self.mosaic_slices, window=(float(window[0]), float(window[1]))))
+        for writer in self.extra_writers:
+            files.extend(_output_files(writer(volume, affine, base.with_name(f"{stem}_image"))))
+        logger.info("wrote %s", image)
+        return files
