@@ -97,6 +97,31 @@ def test_weights_manifest_is_what_sha256sum_writes_and_checks(tmp_path):
         write_weights_manifest(bundle, ["models/absent.pt"])
 
 
+def test_ship_controlnet_keeps_the_listed_weights(tmp_path):
+    import torch
+
+    from meddiff.cli.stages import ship_controlnet
+
+    repo_bundle = REPO / "bundles" / "mri_generative_diffusion"
+    bundle, run = tmp_path / "bundle", tmp_path / "run"
+    shutil.copytree(repo_bundle / "models", bundle / "models")
+    shutil.copyfile(repo_bundle / WEIGHTS_MANIFEST, bundle / WEIGHTS_MANIFEST)
+    run.mkdir()
+    state = {k: v.float() for k, v in torch.load(repo_bundle / "models" / "model_controlnet.pt").items()}
+    torch.save(state, run / "controlnet.pt")
+    shutil.copyfile(repo_bundle / "models" / "model_controlnet.json", run / "controlnet.json")
+    ship_controlnet(run, bundle, stem="model_controlnet_b")
+    entries = read_weights_manifest(bundle, check=True)
+    assert list(entries) == [*read_weights_manifest(repo_bundle), "models/model_controlnet_b.pt",
+                             "models/model_controlnet_b.json"]
+    shipped = torch.load(bundle / "models" / "model_controlnet_b.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in shipped.values() if v.is_floating_point())
+    for key, value in state.items():
+        torch.testing.assert_close(shipped[key].float(), value, rtol=0, atol=0, msg=key)
+    ship_controlnet(run, bundle, stem="model_controlnet_b")  # again: listed once
+    assert list(read_weights_manifest(bundle)) == list(entries)
+
+
 def _serve(bundle: Path, folder: Path) -> str:
     """Put the bundle's listed files in one flat folder, as a release page would hold them; its file:// URL."""
     folder.mkdir()

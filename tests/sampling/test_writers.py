@@ -14,7 +14,13 @@ from monai.transforms import LoadImage
 from PIL import Image
 
 from meddiff.data import writers as writers_mod
-from meddiff.data.writers import affine_from_geometry, save_mosaic_png, save_nifti
+from meddiff.data.writers import (
+    LABEL_COLOURS,
+    affine_from_geometry,
+    save_mosaic_png,
+    save_nifti,
+    save_overlay_mosaic_png,
+)
 
 
 def _load(path: Path) -> MetaTensor:
@@ -142,3 +148,24 @@ def test_affine_from_geometry_origin() -> None:
             affine_from_geometry((1.0, 1.0, 1.0), bad)
     with pytest.raises(ValueError, match="spacing"):
         affine_from_geometry((1.0, 0.0, 1.0))
+
+
+def test_overlay_mosaic_colours_the_labels_on_the_image_layout(tmp_path: Path) -> None:
+    volume = np.tile(np.linspace(0, 100, 8, dtype=np.float32)[:, None, None], (1, 8, 4))
+    label = np.zeros((8, 8, 4), dtype=np.uint8)
+    label[:, :4, 1] = 1
+    label[:, 4:, 2] = 2
+    out = save_overlay_mosaic_png(volume, label, tmp_path / "o.png", num_slices=4, alpha=0.5)
+    rgb = np.asarray(Image.open(out))
+    grey = np.asarray(Image.open(save_mosaic_png(volume, tmp_path / "g.png", num_slices=4)))
+    assert rgb.shape == (*grey.shape, 3) and sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "o.png"]
+    np.testing.assert_array_equal(rgb[:, :8, 0], grey[:, :8])  # tile 0: no label, the image unchanged
+    tile1, tile2 = rgb[:, 8:16].astype(float), rgb[:, 16:24].astype(float)
+    painted = 0.5 * grey[:, 8:16, None] + 0.5 * np.asarray(LABEL_COLOURS[0], dtype=float)
+    np.testing.assert_allclose(tile1[4:], np.rint(painted[4:]), atol=1)  # label 1: the lower rows (b < 4)
+    np.testing.assert_array_equal(tile1[:4, :, 0], grey[:4, 8:16])
+    assert (tile2[:4, :, 1] > tile2[:4, :, 0]).all()  # label 2 (green) in the upper rows of tile 2
+    with pytest.raises(ValueError, match="shapes differ"):
+        save_overlay_mosaic_png(volume, label[:4], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="alpha"):
+        save_overlay_mosaic_png(volume, label, tmp_path / "x.png", alpha=2.0)

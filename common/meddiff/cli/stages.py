@@ -22,6 +22,7 @@ __all__ = [
     "check_shipped_weights",
     "demo_train_stages",
     "run_stages",
+    "ship_controlnet",
     "ship_weights",
     "trained_weights",
 ]
@@ -109,12 +110,14 @@ def check_shipped_weights(bundle_dir: str | Path, names: Sequence[str]) -> None:
 
 
 def ship_weights(ckpt_dir: str | Path, bundle_dir: str | Path, denoisers: Mapping[str, str | Path] | None = None,
-                 extra: Mapping[str, str] | None = None, denoiser_dtype: str = "float16") -> Path:
+                 extra: Mapping[str, str] | None = None, denoiser_dtype: str = "float16",
+                 controlnets: Mapping[str, str | Path] | None = None) -> Path:
     """Copy a trained demo model into ``bundle_dir/models`` under the zoo's names and write ``weights.sha256``.
 
     ``autoencoder.pt`` -> ``model_autoencoder.pt`` (as trained); each denoiser run's ``diffusion_model.pt`` /
     ``diffusion_model.json`` -> ``<stem>.pt`` / ``<stem>.json`` (the state dict stored as ``denoiser_dtype`` to
-    halve the size; ``load_state_dict`` casts it back to the network's float32); and the ``extra`` files as they
+    halve the size; ``load_state_dict`` casts it back to the network's float32); each ControlNet run's
+    ``controlnet.pt`` / ``controlnet.json`` likewise -> ``<stem>.pt`` / ``<stem>.json``; and the ``extra`` files as they
     are, renamed (e.g. ``{"nyul_landmarks.json": "model_nyul_landmarks.json"}``: never under a name a training run
     writes, or training in the bundle folder would silently reuse the shipped file).
 
@@ -124,7 +127,9 @@ def ship_weights(ckpt_dir: str | Path, bundle_dir: str | Path, denoisers: Mappin
         denoisers: shipped stem -> ``ckpt_dir`` of a denoiser run, e.g. ``{"model": rflow_run, "model_ddpm":
             ddpm_run}`` (default: ``{"model": ckpt_dir}``).
         extra: further files of ``ckpt_dir`` to ship unchanged: source name -> shipped name.
-        denoiser_dtype: storage dtype of the denoisers' floating-point tensors.
+        denoiser_dtype: storage dtype of the denoisers' (and ControlNets') floating-point tensors.
+        controlnets: shipped stem -> ``ckpt_dir`` of a ControlNet run (``train_controlnet.json``), e.g.
+            ``{"model_controlnet": controlnet_run}``.
 
     Returns:
         The written ``weights.sha256``.
@@ -148,17 +153,19 @@ def ship_weights(ckpt_dir: str | Path, bundle_dir: str | Path, denoisers: Mappin
     models.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, denoiser_dtype)
 
-    def denoiser(run: Path, stem: str) -> list[str]:
-        state = torch.load(run / "diffusion_model.pt", map_location="cpu", weights_only=True)
+    def denoiser(run: Path, stem: str, source: str = "diffusion_model") -> list[str]:
+        state = torch.load(run / f"{source}.pt", map_location="cpu", weights_only=True)
         atomic_torch_save({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
                           models / f"{stem}.pt")
-        _copy(run / "diffusion_model.json", models / f"{stem}.json")
+        _copy(run / f"{source}.json", models / f"{stem}.json")
         return [f"{stem}.pt", f"{stem}.json"]
 
     shutil.copyfile(src / "autoencoder.pt", models / "model_autoencoder.pt")
     names = ["model_autoencoder.pt"]
     for stem, run in (denoisers or {"model": src}).items():
         names += denoiser(Path(run), stem)
+    for stem, run in (controlnets or {}).items():
+        names += denoiser(Path(run), stem, "controlnet")
     for name, shipped in (extra or {}).items():
         _copy(src / name, models / shipped)
         names.append(shipped)
@@ -166,4 +173,42 @@ def ship_weights(ckpt_dir: str | Path, bundle_dir: str | Path, denoisers: Mappin
     # `meddiff export --zoo --weights_url URL` turns the list into the zoo's large_files.yml
     out = write_weights_manifest(bundle_dir, [f"models/{name}" for name in names])
     logger.info("shipped %s into %s", ", ".join(names), models)
+    return out
+
+
+def ship_controlnet(run: str | Path, bundle_dir: str | Path, stem: str = "model_controlnet",
+                    dtype: str = "float16") -> Path:
+    """Ship one ControlNet run beside the bundle's already shipped weights (which stay as they are).
+
+    ``run/controlnet.pt`` / ``run/controlnet.json`` -> ``models/<stem>.pt`` (floating-point tensors stored as
+    ``dtype``) / ``models/<stem>.json``; ``weights.sha256`` keeps its other entries and lists the two files.
+    :func:`ship_weights` with ``controlnets=`` does the same when shipping every model at once.
+
+    Args:
+        run: the ControlNet run's ``ckpt_dir``.
+        bundle_dir: the bundle folder.
+        stem: shipped name without suffix.
+        dtype: storage dtype of the floating-point tensors.
+
+    Returns:
+        The written ``weights.sha256``.
+    """
+    import json
+
+    import torch
+
+    from meddiff.cli.export import WEIGHTS_MANIFEST, read_weights_manifest, write_weights_manifest
+    from meddiff.utils.atomic import atomic_torch_save, atomic_write_json
+
+    src, models = Path(run), Path(bundle_dir) / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    state = torch.load(src / "controlnet.pt", map_location="cpu", weights_only=True)
+    cast = getattr(torch, dtype)
+    atomic_torch_save({k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()},
+                      models / f"{stem}.pt")
+    atomic_write_json(models / f"{stem}.json", json.loads((src / "controlnet.json").read_text()))
+    new = [f"models/{stem}.pt", f"models/{stem}.json"]
+    listed = list(read_weights_manifest(bundle_dir)) if (Path(bundle_dir) / WEIGHTS_MANIFEST).is_file() else []
+    out = write_weights_manifest(bundle_dir, [p for p in listed if p not in new] + new)
+    logger.info("shipped %s into %s", ", ".join(new), models)
     return out

@@ -44,6 +44,7 @@ __all__ = [
     "derive_ct_demo_source",
     "icbm_t1_path",
     "make_brain_demo",
+    "make_brain_label_demo",
     "make_ct_demo",
     "make_lesion_demo",
     "write_decoy_series",
@@ -114,6 +115,53 @@ def make_brain_demo(output_dir: str | Path, num_volumes: int = 8, spacing: float
         written.append(save_nifti((volume * 1000).astype(np.float32), affine, out / f"brain_{i:02d}.nii.gz"))
     logger.info("wrote %d demo volumes (%s voxels, %.1f mm) to %s", num_volumes, tuple(shape), spacing, out)
     return written
+
+
+#: label values of :func:`make_brain_label_demo`
+BRAIN_LABELS = {"0": "background", "1": "brain", "2": "bright tissue"}
+
+
+def make_brain_label_demo(output_dir: str | Path, num_volumes: int = 8, spacing: float = 3.0, seed: int = 0,
+                          head_threshold: float = 0.15, bright_quantile: float = 0.65) -> Path:
+    """Mask-conditioning demo: :func:`make_brain_demo` volumes with a label map each and a MONAI ``dataset.json``.
+
+    Labels (deterministic, from each volume's own intensities): 0 background, 1 brain (intensity above
+    ``head_threshold`` of the volume's 99.5th percentile: the template is skull-stripped), 2 bright tissue (brain
+    voxels above the ``bright_quantile`` quantile of the brain's intensities: mostly white matter).
+
+    Layout: ``imagesTr/brain_XX.nii.gz``, ``labelsTr/brain_XX.nii.gz`` (uint8, same affine) and ``dataset.json``
+    (``labels``, ``numTraining``, ``training`` items ``{"image", "label"}`` relative to ``output_dir``).
+
+    Args:
+        output_dir: the data set folder.
+        num_volumes: number of volumes.
+        spacing: isotropic voxel size in mm.
+        seed: random seed of the variations (:func:`make_brain_demo`).
+        head_threshold: head mask threshold, a fraction of the 99.5th intensity percentile.
+        bright_quantile: quantile of the head's intensities above which a voxel is label 2.
+
+    Returns:
+        The written ``dataset.json``.
+    """
+    import json
+
+    out = Path(output_dir)
+    images = make_brain_demo(out / "imagesTr", num_volumes=num_volumes, spacing=spacing, seed=seed)
+    items = []
+    for path in images:
+        img = nib.load(path)
+        volume = np.asarray(img.dataobj, dtype=np.float32)
+        head = volume > head_threshold * np.percentile(volume, 99.5)
+        label = head.astype(np.uint8)
+        label[head & (volume > np.quantile(volume[head], bright_quantile))] = 2
+        save_nifti(label, img.affine, out / "labelsTr" / path.name, dtype=np.uint8)
+        items.append({"image": f"imagesTr/{path.name}", "label": f"labelsTr/{path.name}"})
+    dataset = {"name": "meddiff brain label demo", "labels": BRAIN_LABELS, "numTraining": len(items),
+               "training": items}
+    target = out / "dataset.json"
+    atomic_write_text(target, json.dumps(dataset, indent=4) + "\n")
+    logger.info("wrote %d demo volumes with label maps and %s", len(items), target)
+    return target
 
 
 #: class names of :func:`make_lesion_demo`

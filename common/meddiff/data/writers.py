@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from PIL import Image
 
 from ..utils.atomic import atomic_path
 
-__all__ = ["affine_from_geometry", "save_mosaic_png", "save_nifti"]
+__all__ = ["LABEL_COLOURS", "affine_from_geometry", "save_mosaic_png", "save_nifti", "save_overlay_mosaic_png"]
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,67 @@ def save_mosaic_png(
     with atomic_path(path) as tmp:
         Image.fromarray(pixels).save(tmp, format="PNG")
     logger.debug("Wrote mosaic %s (%d slices along axis %d).", path, len(tiles), axis)
+    return Path(path)
+
+
+#: RGB colours of label values 1, 2, ... in :func:`save_overlay_mosaic_png` (cycled)
+LABEL_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48), (145, 30, 180))
+
+
+def save_overlay_mosaic_png(
+    volume: np.ndarray | torch.Tensor,
+    label: np.ndarray | torch.Tensor,
+    path: str | os.PathLike,
+    num_slices: int = 16,
+    columns: int = 4,
+    alpha: float = 0.35,
+    axis: int = -1,
+    radiological: bool = True,
+    affine: np.ndarray | torch.Tensor | None = None,
+) -> Path:
+    """Write an image/label pair as an RGB mosaic: the image's slices (as :func:`save_mosaic_png`, grey, window
+    = the 0.5th-99.5th percentiles) with each label value > 0 blended in a colour (:data:`LABEL_COLOURS`).
+
+    Args:
+        volume: ``(X, Y, Z)`` or ``(1, X, Y, Z)`` image.
+        label: integer label map of the same spatial shape (0 = background, not coloured).
+        path: destination ``.png`` (parent folders are created).
+        num_slices: number of slices to show.
+        columns: tiles per row.
+        alpha: opacity of the label colours, in [0, 1].
+        axis: spatial axis to slice along.
+        radiological: as in :func:`save_mosaic_png`.
+        affine: optional 4x4 affine of both; if given, both are reoriented to RAS voxel order first.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        ValueError: image and label shapes differ, or a bad ``alpha`` (other arguments as
+            :func:`save_mosaic_png`).
+    """
+    image, labels = _spatial_volume(volume).astype(np.float32), np.rint(_spatial_volume(label)).astype(np.int64)
+    if image.shape != labels.shape:
+        raise ValueError(f"image and label shapes differ: {image.shape} vs {labels.shape}.")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    # the same layout as save_mosaic_png: grey image mosaic, then the label values through the identical tiling
+    with tempfile.TemporaryDirectory() as work:
+        grey_file, label_file = Path(work) / "grey.png", Path(work) / "label.png"
+        save_mosaic_png(image, grey_file, num_slices, columns, None, axis, radiological, affine)
+        # label values 0..255 as 8-bit grey through the identity window: the same tiles as the image
+        save_mosaic_png(np.clip(labels, 0, 255).astype(np.float32), label_file, num_slices, columns, (0.0, 255.0),
+                        axis, radiological, affine)
+        grey = np.asarray(Image.open(grey_file), dtype=np.float32)
+        tiled = np.asarray(Image.open(label_file), dtype=np.int64)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    for value in np.unique(tiled[tiled > 0]):
+        colour = np.asarray(LABEL_COLOURS[(int(value) - 1) % len(LABEL_COLOURS)], dtype=np.float32)
+        where = tiled == value
+        rgb[where] = (1 - alpha) * rgb[where] + alpha * colour
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8)).save(tmp, format="PNG")
+    logger.debug("Wrote overlay mosaic %s.", path)
     return Path(path)
 
 
