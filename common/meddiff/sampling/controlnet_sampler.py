@@ -19,11 +19,10 @@ from tqdm import tqdm
 from meddiff.data.errors import DataError
 from meddiff.data.masks import find_masks as find_mask_sources
 from meddiff.data.masks import load_mask_volume, mask_case_name
-from meddiff.data.writers import save_mosaic_png, save_nifti
+from meddiff.data.writers import save_nifti
 from meddiff.sampling.latent_sampler import (
     LatentDiffusionSampler,
     _autoencoder_compression,
-    _output_files,
     file_sha256,
 )
 from meddiff.transforms.intensity import scale_from_unit_range
@@ -332,14 +331,7 @@ class ControlNetSampler(LatentDiffusionSampler):
                            description=self.nifti_description(seed, **extra))
         label_file = save_nifti(torch.as_tensor(label).as_subclass(torch.Tensor), affine, base.with_name(f"{stem}_label.nii.gz"),
                                 dtype=np.uint8)
-        files = [image, label_file]
-        if self.mosaic_windows is None:
-            files.append(save_mosaic_png(volume, base.with_name(f"{stem}_image.png"), num_slices=self.mosaic_slices))
-        else:  # e.g. the CT bundle's lung / soft-tissue windows
-            for name, window in self.mosaic_windows.items():
-                files.append(save_mosaic_png(volume, base.with_name(f"{stem}_image_{name}.png"),
-                                             num_slices=self.mosaic_slices, window=(float(window[0]), float(window[1]))))
-        for writer in self.extra_writers:
-            files.extend(_output_files(writer(volume, affine, base.with_name(f"{stem}_image"))))
+        # after the label file: DicomSegOutput reads it
+        files = [image, label_file, *self._write_mosaics_and_extras(volume, affine, base.with_name(f"{stem}_image"))]
         logger.info("wrote %s", image)
         return files

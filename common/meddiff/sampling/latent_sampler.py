@@ -731,16 +731,22 @@ class LatentDiffusionSampler:
         stem = self.output_dir / f"{self.prefix}_{index:03d}"
         nifti = save_nifti(volume, affine, stem.with_name(stem.name + ".nii.gz"), dtype=self.output_dtype,
                            description=self.nifti_description(self.seeds[index], **self._class_fields(index)))
-        files = [nifti]
+        files = [nifti, *self._write_mosaics_and_extras(volume, affine, stem)]
+        logger.info("wrote %s", nifti)
+        return files
+
+    def _write_mosaics_and_extras(self, volume: torch.Tensor, affine: np.ndarray, stem: Path) -> list[Path]:
+        """PNG mosaics (``<stem>.png``, or ``<stem>_<window>.png`` per ``mosaic_windows``) and the extra writers'
+        outputs of one volume in output units; returns their files."""
+        files = []
         if self.mosaic_windows is None:
             files.append(save_mosaic_png(volume, stem.with_name(stem.name + ".png"), num_slices=self.mosaic_slices))
-        else:
+        else:  # e.g. the CT bundle's lung / soft-tissue windows
             for name, window in self.mosaic_windows.items():
                 files.append(save_mosaic_png(volume, stem.with_name(f"{stem.name}_{name}.png"),
                                              num_slices=self.mosaic_slices, window=(float(window[0]), float(window[1]))))
         for writer in self.extra_writers:
             files.extend(_output_files(writer(volume, affine, stem)))
-        logger.info("wrote %s", nifti)
         return files
 
 
