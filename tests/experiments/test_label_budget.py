@@ -64,7 +64,8 @@ def test_writes_tables_and_plot(experiment):
         for init in ("scratch", "pretrained"):
             mean, lo, hi = (float(row[f"{init}_{k}"]) for k in ("mean", "ci_low", "ci_high"))
             assert 0.0 <= mean <= 1.0 and lo <= mean <= hi
-        assert int(row["n_paired_cases"]) == 6 and 0.0 <= float(row["wilcoxon_p"]) <= 1.0
+        assert int(row["pretrained_n_paired_cases"]) == 6 and 0.0 <= float(row["pretrained_wilcoxon_p"]) <= 1.0
+        assert "generated_ssl_mean" not in row  # arms not asked for leave no columns
     png = Image.open(out / "dice_vs_budget.png")
     assert png.size[0] > 300 and png.size[1] > 200
     plan = json.loads((out / "experiment.json").read_text())
@@ -147,8 +148,8 @@ def test_summary_statistics():
         results.append(run(5, seed, "pretrained", [0.85 + 0.01 * seed, 0.87, 0.89, 0.91]))
     (row,) = summarize_label_budget(results)
     assert row["scratch_n_seeds"] == 3 and math.isclose(row["scratch_mean"], 0.83)
-    assert math.isnan(row["ttest_p"]) is False and row["difference_mean"] > 0.04
-    assert row["n_paired_cases"] == 12 and row["wilcoxon_p"] < 0.01
+    assert math.isnan(row["pretrained_ttest_p"]) is False and row["pretrained_difference_mean"] > 0.04
+    assert row["pretrained_n_paired_cases"] == 12 and row["pretrained_wilcoxon_p"] < 0.01
     assert row["scratch_ci_low"] == row["scratch_ci_high"] == pytest.approx(0.83)  # no spread over seeds
 
 

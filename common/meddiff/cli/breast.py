@@ -65,11 +65,21 @@ def breast_experiment(
     train_overrides: Any = None,
     evaluate_overrides: Any = None,
     launcher: str = "subprocess",
+    arms: Sequence[str] = ("scratch", "pretrained"),
+    generator_bundle: str | None = None,
+    generator_overrides: Any = None,
+    num_generated: int = 40,
+    num_pairs: int = 40,
+    mask_augmentation: str = "affine",
 ) -> str:
-    """Label-budget experiment: train from scratch vs from synthetic pre-training per budget and seed.
+    """Label-budget experiment: train from scratch vs from pre-training per budget and seed.
 
-    Resumable: rerun the same command to continue; finished runs are not redone. Writes results.csv,
-    per_case.csv, summary.csv (95% t intervals, paired Wilcoxon and t-tests) and dice_vs_budget.png.
+    Arms: ``scratch``; ``pretrained`` (restoration pre-training on the unlabelled volumes); ``generated_ssl``
+    (restoration pre-training on samples of the MRI generation bundle trained on the unlabelled volumes);
+    ``controlnet_pairs`` (supervised pre-training on image + mask pairs of a ControlNet trained on the budget's
+    labels only). Resumable: rerun the same command to continue, or with more arms; finished runs are not
+    redone. Writes results.csv, per_case.csv, summary.csv (95% t intervals, paired Wilcoxon and t-tests of each
+    arm against scratch) and dice_vs_budget.png.
 
     Args:
         labelled_datalist: dataset.json with 'training' (labelled pool) and 'test' image/label pairs.
@@ -86,6 +96,14 @@ def breast_experiment(
         train_overrides: extra overrides of the training runs (dict or JSON file).
         evaluate_overrides: extra overrides of the evaluations (dict or JSON file).
         launcher: ``subprocess`` (one ``python -m monai.bundle run`` per stage) or ``inprocess``.
+        arms: e.g. ``--arms scratch,pretrained,generated_ssl,controlnet_pairs``.
+        generator_bundle: the MRI generation bundle folder (default: the repository's).
+        generator_overrides: overrides of the generation bundle's stages (dict or JSON file); a key named after a
+            stage (``train_autoencoder``, ``train_diffusion``, ``train_controlnet``, ``sample``,
+            ``sample_controlnet``) holds that stage's own overrides.
+        num_generated: generated volumes for ``generated_ssl``.
+        num_pairs: ControlNet image + mask pairs per budget and seed for ``controlnet_pairs``.
+        mask_augmentation: ``off``, ``affine`` or ``elastic`` (how the budget's masks are varied).
 
     Returns:
         The summary CSV path.
@@ -97,7 +115,9 @@ def breast_experiment(
             labelled_datalist, output_dir, unlabelled_dir=unlabelled_dir, budgets=budgets, seeds=seeds,
             num_val=num_val, split_seed=split_seed, pretrained_weights=pretrained_weights, bundle=bundle,
             overrides=overrides, pretrain_overrides=pretrain_overrides, train_overrides=train_overrides,
-            evaluate_overrides=evaluate_overrides, launcher=launcher)
+            evaluate_overrides=evaluate_overrides, launcher=launcher, arms=arms, generator_bundle=generator_bundle,
+            generator_overrides=generator_overrides, num_generated=int(num_generated), num_pairs=int(num_pairs),
+            mask_augmentation=mask_augmentation)
     except ExperimentError as e:
         logger.error("%s", e)
         raise SystemExit(1) from None

@@ -105,6 +105,8 @@ class ConditioningFidelity:
         config_file: the bundle's inference config, relative to ``bundle_dir``.
         device: where the segmentation network runs.
         progress: show a progress bar.
+        overrides: config ids and values set in the bundle's inference config (e.g. the network size and
+            voxel spacing the weights were trained with).
 
     Raises:
         FileNotFoundError: the bundle folder, its inference config or its weights are missing (naming the path).
@@ -119,6 +121,7 @@ class ConditioningFidelity:
         config_file: str = "configs/inference.json",
         device: str | torch.device = "cpu",
         progress: bool = True,
+        overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir).resolve()
         if not self.bundle_dir.is_dir():
@@ -133,6 +136,7 @@ class ConditioningFidelity:
         self.label_map = None if label_map is None else self._parse_label_map(label_map)
         self.parser = ConfigParser()
         self.parser.read_config(str(self.config_file))
+        self.parser.update(dict(overrides or {}))
         self.parser["bundle_root"] = str(self.bundle_dir)
         if "device" in self.parser:
             self.parser["device"] = str(self.device)  # a str: configs call torch.device(...) or `.to(@device)`
