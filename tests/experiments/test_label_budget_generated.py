@@ -147,3 +147,13 @@ def test_rerun_redoes_nothing_and_arms_are_checked(experiment):
         run_label_budget_experiment(**{**kwargs, "arms": ("scratch", "gan")})
     with pytest.raises(ValueError, match="need unlabelled_dir"):
         run_label_budget_experiment(**{**kwargs, "unlabelled_dir": None, "arms": ("controlnet_pairs",)})
+
+
+def test_cli_names_a_bad_arm_in_one_line(tmp_path):
+    labelled, unlabelled = write_breast_datasets(tmp_path, num_labelled=4, num_test=1, num_unlabelled=1)
+    proc = subprocess.run([sys.executable, "-m", "meddiff.cli.main", "breast-experiment", "--labelled_datalist",
+                           str(labelled / "dataset.json"), "--unlabelled_dir", str(unlabelled), "--output_dir",
+                           str(tmp_path / "out"), "--arms", "scratch,controlnet"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "unknown arms ['controlnet']" in proc.stderr and "controlnet_pairs" in proc.stderr

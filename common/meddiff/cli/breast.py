@@ -118,8 +118,8 @@ def breast_experiment(
             evaluate_overrides=evaluate_overrides, launcher=launcher, arms=arms, generator_bundle=generator_bundle,
             generator_overrides=generator_overrides, num_generated=int(num_generated), num_pairs=int(num_pairs),
             mask_augmentation=mask_augmentation)
-    except ExperimentError as e:
-        logger.error("%s", e)
+    except (ExperimentError, ValueError, FileNotFoundError) as e:  # bad arguments or a failed stage: one line
+        logger.error("breast-experiment: %s", e)
         raise SystemExit(1) from None
     logger.info("summary: %s, plot: %s", result["summary_csv"], result["plot"])
     return result["summary_csv"]
