@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +34,18 @@ TINY_OVERRIDES: dict[str, str] = {
     "progress": "false",
     "log_interval": "1",
 }
+
+
+def cli_value(value: str) -> Any:
+    """A command-line override string as the Python value ``python -m monai.bundle run`` (fire) parses it into."""
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return {"true": True, "false": False}.get(value.lower(), value)
+
+
+#: :data:`TINY_OVERRIDES` as values, for a ``ConfigParser`` or an in-process run
+TINY_VALUES: dict[str, Any] = {k: cli_value(v) for k, v in TINY_OVERRIDES.items()}
 
 
 def blob_volume(shape: tuple[int, int, int] = (20, 18, 14), seed: int = 0) -> np.ndarray:

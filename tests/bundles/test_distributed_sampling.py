@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import sys
@@ -15,7 +14,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from tests.bundles.conftest import MRI_BUNDLE, STAGE_CONFIGS, run_bundle
-from tests.helpers import TINY_OVERRIDES
+from tests.helpers import TINY_VALUES
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +31,7 @@ def _write_weights(ckpt_dir: Path) -> None:
     """Freshly initialised tiny networks (non-zero denoiser output) and their latent record in ``ckpt_dir``."""
     parser = ConfigParser()
     parser.read_config([str(MRI_BUNDLE / "configs" / f"{c}.json") for c in STAGE_CONFIGS["inference"]])
-    for key, value in TINY_OVERRIDES.items():
-        try:
-            parser[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parser[key] = value
+    parser.update(TINY_VALUES)
     parser.update({"bundle_root": str(MRI_BUNDLE), "ckpt_dir": str(ckpt_dir)})
     torch.manual_seed(0)
     autoencoder = parser.get_parsed_content("autoencoder_def")

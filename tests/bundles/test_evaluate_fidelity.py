@@ -16,7 +16,7 @@ from monai.bundle import ConfigParser
 from meddiff.cli.demo_breast import DEMO_MODEL_PHANTOMS
 from tests.bundles.conftest import MRI_BUNDLE, REPO, run_bundle, write_mixed_mri_dataset
 from tests.evaluation.test_fidelity import write_conditioned_phantoms
-from tests.helpers import TINY_OVERRIDES
+from tests.helpers import TINY_VALUES
 
 EVALUATE = ["configs/evaluate.json"]
 BREAST_BUNDLE = REPO / "bundles" / "breast_mri_segmentation"
@@ -32,11 +32,7 @@ def setup(tmp_path_factory):
                  "spatial_size": json.dumps(shape), "pixdim": "[3.75,3.4375,4.5]", "eval_num_pairs": "1"}
     parser = ConfigParser()
     parser.read_config([str(MRI_BUNDLE / "configs" / f) for f in ("common.json", "train_autoencoder.json")])
-    for key, value in TINY_OVERRIDES.items():
-        try:
-            parser[key] = json.loads(value)  # numbers, lists, booleans as the CLI parses them
-        except json.JSONDecodeError:
-            parser[key] = value
+    parser.update(TINY_VALUES)
     torch.manual_seed(0)
     (root / "models").mkdir()
     torch.save(parser.get_parsed_content("autoencoder_def").state_dict(), root / "models" / "autoencoder.pt")

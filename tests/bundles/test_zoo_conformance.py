@@ -34,7 +34,7 @@ from meddiff.cli.format_json import find_json_files, format_json_files, pretty_j
 from meddiff.cli.main import COMMANDS, main
 from meddiff.engines import Trainer, TrainerSettings, VQGANTrainer
 from tests.bundles.conftest import ct_phantom, write_mixed_mri_dataset
-from tests.helpers import TINY_OVERRIDES, tiny_autoencoder
+from tests.helpers import TINY_VALUES, tiny_autoencoder
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = REPO / "tests" / "schemas"
@@ -56,15 +56,6 @@ def _parser(bundle: Path, names: list[str], overrides: dict[str, Any] | None = N
     return parser
 
 
-def _literal(value: str) -> Any:
-    """A command-line override string as the Python value ``monai.bundle``'s fire parsing would give."""
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return {"true": True, "false": False}.get(value.lower(), value)
-
-
-TINY = {k: _literal(v) for k, v in TINY_OVERRIDES.items()}
 
 
 def _narrow(bundle: Path) -> dict[str, Any]:
@@ -209,12 +200,12 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
 def _workflow(bundle: Path, names: list[str], workflow_type: str, root: Path, data: Path, **override: Any
               ) -> ConfigWorkflow:
     return ConfigWorkflow(config_file=_files(bundle, names), workflow_type=workflow_type, logging_file=False,
-                          bundle_root=str(root), dataset_dir=str(data), **{**TINY, **override})
+                          bundle_root=str(root), dataset_dir=str(data), **{**TINY_VALUES, **override})
 
 
 def _write_autoencoder_weights(bundle: Path, ckpt_dir: Path) -> None:
     """Stage-1 weights as the trainer writes them (a plain state_dict), from the config's own definition."""
-    autoencoder = _parser(bundle, STAGES["train_autoencoder"], TINY).get_parsed_content("autoencoder_def")
+    autoencoder = _parser(bundle, STAGES["train_autoencoder"], TINY_VALUES).get_parsed_content("autoencoder_def")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     torch.save(autoencoder.state_dict(), ckpt_dir / "autoencoder.pt")
 

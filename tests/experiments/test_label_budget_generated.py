@@ -19,7 +19,7 @@ import pytest
 
 from meddiff.experiments.label_budget import run_label_budget_experiment
 from tests.breast_helpers import BREAST_TINY, write_breast_datasets
-from tests.helpers import TINY_OVERRIDES
+from tests.helpers import TINY_VALUES
 
 ARMS = ("scratch", "pretrained", "generated_ssl", "controlnet_pairs")
 STEPS = {"max_steps": 2, "val_interval": 2, "ckpt_interval": 2}
@@ -32,10 +32,8 @@ def _csv(path):
 
 
 def _generator_overrides() -> dict:
-    tiny = {k: json.loads(v.replace("False", "false").replace("True", "true")) if v[0] in "[0123456789" else v
-            for k, v in TINY_OVERRIDES.items()}
     # on the phantoms' own grid (32 x 32 x 16 voxels of 11.25 x 6.875 x 11.25 mm), so pairs land on their masks' grid
-    return {**tiny, "pixdim": [11.25, 6.875, 11.25], "spatial_size": [32, 32, 16], **STEPS, "num_workers": 0, "val_fraction": 0.25, "train_diffusion": EMA, "train_controlnet": EMA,
+    return {**TINY_VALUES, "pixdim": [11.25, 6.875, 11.25], "spatial_size": [32, 32, 16], **STEPS, "num_workers": 0, "val_fraction": 0.25, "train_diffusion": EMA, "train_controlnet": EMA,
             "sample": {"num_inference_steps": 2}, "sample_controlnet": {"num_inference_steps": 2}}
 
 
