@@ -338,6 +338,11 @@ def _load_overrides(value: Mapping[str, Any] | str | os.PathLike | None) -> dict
     return dict(json.loads(path.read_text()))
 
 
+def _run_dir(out: Path, budget: int, seed: int, init: str) -> Path:
+    """The folder of one run: ``runs/n<NNN>_seed<S>_<init>``."""
+    return out / "runs" / f"n{int(budget):03d}_seed{int(seed)}_{init}"
+
+
 def _pretrain(bundle_dir: Path, dataset_dir: Path, out: Path, overrides: Mapping[str, Any], launcher: str,
               what: str) -> Path:
     """Self-supervised pre-training on a folder of volumes, once (``<out>/pretrained.pt``)."""
@@ -354,15 +359,13 @@ def _pretrain(bundle_dir: Path, dataset_dir: Path, out: Path, overrides: Mapping
     return weights
 
 
-def _supervised_pretrain(bundle_dir: Path, pairs: Mapping[str, Any], out: Path, overrides: Mapping[str, Any],
-                         seed: int, launcher: str) -> Path:
+def _supervised_pretrain(bundle_dir: Path, pairs_dir: Path, pairs: Sequence[Mapping[str, str]], out: Path,
+                         overrides: Mapping[str, Any], seed: int, launcher: str) -> Path:
     """Supervised pre-training on generated image + mask pairs (validated on held-out pairs, never on real labels)."""
     weights, done = out / "model.pt", out / "done.json"
     if done.is_file() and weights.is_file():
         return weights
-    pairs_dir = Path(pairs["pairs_dir"])
-    items = [{"image": str(pairs_dir / i["image"]), "label": str(pairs_dir / i["label"])}
-             for i in json.loads(Path(pairs["datalist"]).read_text())["training"]]
+    items = [{"image": str(pairs_dir / i["image"]), "label": str(pairs_dir / i["label"])} for i in pairs]
     num_val = max(1, len(items) // 10)
     atomic_write_json(out / "datalist.json", {"training": items[:-num_val], "validation": items[-num_val:]})
     tic = time.perf_counter()
@@ -391,26 +394,25 @@ def _conditioning_fidelity(bundle_dir: Path, items: Sequence[Mapping[str, Any]],
     return json.loads(report_file.read_text())["per_label"]["1"]["mean"]
 
 
-def _judged_fidelity(out: Path, results: Sequence[Mapping[str, Any]], bundle_dir: Path,
+def _judged_fidelity(out: Path, results: Sequence[Mapping[str, Any]], largest: int, bundle_dir: Path,
                      overrides: Mapping[str, Any]) -> dict[tuple[int, int], float]:
     """Fidelity of every ControlNet run's pairs, judged by the experiment's own segmenter of the same seed.
 
-    The judge is the run trained from scratch on the largest budget: it saw only real labelled cases, on
-    the experiment's grid, and its Dice on the real test cases (in ``results``) is the ceiling to compare with.
-    Returns ``{(budget, seed): mean Dice}``; runs whose judge is not trained yet are left out.
+    The judge is the run trained from scratch on the largest budget (``largest``): it saw only real labelled
+    cases, on the experiment's grid, and its Dice on the real test cases (in ``results``) is the ceiling to
+    compare with. Returns ``{(budget, seed): mean Dice}``; runs whose judge is not trained yet are left out.
     """
-    largest = max(int(r["budget"]) for r in results)
     fidelity = {}
     for r in results:
         budget, seed = int(r["budget"]), int(r["seed"])
-        judge = out / "runs" / f"n{largest:03d}_seed{seed}_scratch" / "models" / "model.pt"
-        generated = out / "runs" / f"n{budget:03d}_seed{seed}_controlnet_pairs" / "generated"
+        judge = _run_dir(out, largest, seed, "scratch") / "models" / "model.pt"
         if r["init"] != "controlnet_pairs" or not judge.is_file():
             continue
-        pairs = json.loads((generated / "pairs" / "dataset.json").read_text())["training"]
-        fidelity[(budget, seed)] = _conditioning_fidelity(bundle_dir, pairs, generated / "pairs",
-                                                          generated / "fidelity_judge.json", model_file=judge,
-                                                          overrides={**overrides, "device": "cpu"})
+        pairs_dir = _run_dir(out, budget, seed, "controlnet_pairs") / "generated" / "pairs"
+        pairs = json.loads((pairs_dir / "dataset.json").read_text())["training"]
+        fidelity[(budget, seed)] = _conditioning_fidelity(bundle_dir, pairs, pairs_dir,
+                                                          pairs_dir.parent / "fidelity_judge.json",
+                                                          model_file=judge, overrides=overrides)
     return fidelity
 
 
@@ -531,9 +533,10 @@ def run_label_budget_experiment(
     plan_file = out / "experiment.json"
     previous = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
     if previous:
-        checked = {**fixed, **(generator_settings if generated and previous.get("generator") else {})}
-        before = {**previous, **(previous.get("generator") or {})}
-        changed = sorted(k for k in checked if before.get(k) != json.loads(json.dumps(checked[k])))
+        changed = sorted(k for k in fixed if previous.get(k) != json.loads(json.dumps(fixed[k])))
+        if generated and previous.get("generator"):  # a generator that exists must not change either
+            changed += sorted(k for k, v in generator_settings.items()
+                              if previous["generator"].get(k) != json.loads(json.dumps(v)))
         if changed:
             raise ExperimentError(f"{out} holds an experiment with different {', '.join(changed)}; "
                                   "use another output_dir or delete it")
@@ -582,7 +585,7 @@ def run_label_budget_experiment(
             subset = [pool[i] for i in subset_order[:n]]  # nested: a larger budget adds cases
             for init in arms:
                 k += 1
-                run_dir = out / "runs" / f"n{n:03d}_seed{seed}_{init}"
+                run_dir = _run_dir(out, n, seed, init)
                 result_file = run_dir / "result.json"
                 if result_file.is_file():
                     results.append(json.loads(result_file.read_text()))
@@ -596,12 +599,13 @@ def run_label_budget_experiment(
                     pairs = generated_data.controlnet_pairs(
                         run_dir / "generated", gen_bundle, generator, subset, num_pairs, int(seed), gen_overrides,
                         mask_augmentation=mask_augmentation, launcher=launcher)
-                    weights = _supervised_pretrain(bundle_dir, pairs, run_dir / "pretrain", pretrain, int(seed),
-                                                   launcher)
+                    pairs_dir = Path(pairs["pairs_dir"])
+                    pair_items = json.loads(Path(pairs["datalist"]).read_text())["training"]
+                    weights = _supervised_pretrain(bundle_dir, pairs_dir, pair_items, run_dir / "pretrain", pretrain,
+                                                   int(seed), launcher)
                     extra = {"num_pairs": pairs["num_pairs"], "controlnet_seconds": pairs["train_seconds"],
                              "fidelity_dice_breast": _conditioning_fidelity(
-                                 bundle_dir, json.loads(Path(pairs["datalist"]).read_text())["training"],
-                                 Path(pairs["pairs_dir"]), run_dir / "generated" / "fidelity.json")}
+                                 bundle_dir, pair_items, pairs_dir, run_dir / "generated" / "fidelity.json")}
                 atomic_write_json(run_dir / "datalist.json", {"training": subset, "validation": val_items})
                 tic = time.perf_counter()
                 run_stage(bundle_dir, "train", {**common, **stage_extra["train"], "seed": int(seed),
@@ -631,7 +635,7 @@ def run_label_budget_experiment(
                 runs_done += 1
 
     # 3. tables and plot
-    judged = _judged_fidelity(out, results, bundle_dir, common) if "controlnet_pairs" in arms else {}
+    judged = _judged_fidelity(out, results, max(counts), bundle_dir, common) if "controlnet_pairs" in arms else {}
     run_rows, case_rows = [], []
     for r in results:
         means = {f"{m}_mean": s.get("mean") for m, s in r["metrics"].items()}
