@@ -84,8 +84,11 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
         torch.load(ckpt, weights_only=True)  # atomic writes: every .pt left behind is whole
         if ckpt != target:
             ckpt.unlink()  # resume from exactly the step-4 state, even if step 6 landed before the kill
+    # what a kill in the middle of the step-6 write leaves (the race above may or may not have made one)
+    (killed / "checkpoints" / ".diffusion_model_step00000006.k1ll3d.tmp").write_bytes(b"half a checkpoint")
 
     run_bundle(MRI_BUNDLE, "train_diffusion", {**base, **stage2, "ckpt_dir": str(killed)})
+    assert not [p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith(".")], "partial writes remain"
     log = [json.loads(line) for line in (killed / "diffusion_model_log.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in log if "loss" in r]
     resumed_at = len(steps) - 1 - steps[::-1].index(5)  # the resumed run logs 5, 6, 7, 8 last

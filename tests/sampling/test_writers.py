@@ -14,6 +14,9 @@ from monai.transforms import LoadImage
 from PIL import Image
 
 from meddiff.data import writers as writers_mod
+from meddiff.reader_study.build import find_volumes
+from meddiff.utils import atomic as atomic_mod
+from meddiff.utils import atomic_torch_save, atomic_write_json, is_temporary
 from meddiff.data.writers import (
     LABEL_COLOURS,
     affine_from_geometry,
@@ -85,6 +88,28 @@ def test_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(OSError, match="disk full"):
         save_mosaic_png(np.zeros((3, 3, 3)), tmp_path / "out.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_what_a_killed_write_leaves_is_never_taken_for_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    temporaries: list[Path] = []
+    real_mkstemp = atomic_mod.tempfile.mkstemp
+
+    def recording_mkstemp(**kwargs: object) -> tuple[int, str]:
+        fd, name = real_mkstemp(**kwargs)
+        temporaries.append(Path(name))
+        return fd, name
+
+    monkeypatch.setattr(atomic_mod.tempfile, "mkstemp", recording_mkstemp)
+    atomic_torch_save({"step": 1}, tmp_path / "model_step00000001.pt")
+    atomic_write_json(tmp_path / "samples.json", {})
+    save_nifti(np.zeros((3, 3, 3)), np.eye(4), tmp_path / "sample_0000.nii.gz")
+    assert len(temporaries) == 3 and all(is_temporary(t) for t in temporaries)
+    for leftover in temporaries:  # as a SIGKILL between write and rename would leave them
+        leftover.write_bytes(b"partial")
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["model_step00000001.pt"]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["samples.json"]
+    assert find_volumes(tmp_path) == [tmp_path / "sample_0000.nii.gz"]  # NIfTI temporaries keep the extension
+    assert not is_temporary(tmp_path / "sample_0000.nii.gz")
 
 
 @pytest.mark.parametrize(

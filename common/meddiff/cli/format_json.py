@@ -119,7 +119,7 @@ def format_json_files(
             changed.append(file)
             if not check:
                 mode = stat.S_IMODE(file.stat().st_mode)
-                with atomic_path(file) as tmp:
+                with atomic_path(file, suffix="") as tmp:
                     tmp.write_text(pretty, encoding="utf-8")
                     tmp.chmod(mode)  # keep the file's permissions (the temporary file is created 0600)
                 logger.info("formatted %s", file)

@@ -235,7 +235,7 @@ class SegmentationTrainer(Trainer):
             if best.is_file() and self.val_loader is not None:
                 # the network in memory holds the last weights (trained here, or restored from the last checkpoint)
                 atomic_torch_save(_unwrap(self.network).state_dict(), last)
-                with atomic_path(final) as tmp:
+                with atomic_path(final, suffix="") as tmp:
                     shutil.copyfile(best, tmp)
                 logger.info("%s holds the best validation weights (Dice %.4f); the last ones are in %s", final,
                             1.0 - self.best_metric, last)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 import meddiff
 from meddiff.engines.sampler import ResumableSampler
 from meddiff.engines.transform_state import set_transform_rng_state, transform_rng_state
-from meddiff.utils import as_bool, atomic_torch_save, atomic_write_json
+from meddiff.utils import as_bool, atomic_torch_save, atomic_write_json, is_temporary
 
 __all__ = ["Trainer", "TrainerSettings", "guard_cpu_bf16_convs", "rng_state", "run_outside_autocast", "set_rng_state"]
 
@@ -266,6 +266,13 @@ class Trainer:
                  if (m := pattern.match(p.name))]
         return [p for _, p in sorted(found)]
 
+    def _remove_partial_checkpoints(self) -> None:
+        """Delete checkpoint writes a killed run left unfinished (never loaded: resume reads whole files only)."""
+        for leftover in self.checkpoint_dir.glob(f".{self.name}_step*"):
+            if is_temporary(leftover):
+                logger.info("removing %s, a checkpoint write that did not finish", leftover)
+                leftover.unlink(missing_ok=True)
+
     def _sampler(self) -> ResumableSampler | None:
         sampler = getattr(self.train_loader, "sampler", None)
         return sampler if isinstance(sampler, ResumableSampler) else None
@@ -366,6 +373,8 @@ class Trainer:
         """Train to ``max_steps`` (resuming if asked); returns the last validation metrics."""
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.setup()
+        if self.is_main:
+            self._remove_partial_checkpoints()
         if self.resume and (existing := self.checkpoints()):
             self.load_checkpoint(existing[-1])
         batches = self._batches()

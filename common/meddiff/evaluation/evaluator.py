@@ -54,7 +54,7 @@ from meddiff.metrics import (
 )
 from meddiff.sampling.latent_sampler import file_sha256
 from meddiff.transforms.intensity import scale_from_unit_range
-from meddiff.utils import atomic_write_json, atomic_write_text
+from meddiff.utils import atomic_write_json, atomic_write_text, is_temporary
 
 __all__ = ["GenerationEvaluator", "json_safe"]
 
@@ -283,7 +283,7 @@ class GenerationEvaluator:
         if not self.synthetic_dir.is_dir():
             raise DataError(self.synthetic_dir, "synthetic folder does not exist: run the inference workflow first "
                                                 "or pass --synthetic_dir")
-        files = sorted(self.synthetic_dir.glob(self.synthetic_pattern))
+        files = sorted(p for p in self.synthetic_dir.glob(self.synthetic_pattern) if not is_temporary(p))
         if not files:
             raise DataError(self.synthetic_dir, f"no synthetic volumes matching {self.synthetic_pattern!r}: run the "
                                                 "inference workflow first or pass --synthetic_dir")

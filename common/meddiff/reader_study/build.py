@@ -34,6 +34,7 @@ import nibabel as nib
 import numpy as np
 
 from ..data.errors import DataError
+from ..utils import is_temporary
 
 __all__ = [
     "DEFAULT_QUESTIONS",
@@ -115,7 +116,8 @@ def find_volumes(folder: str | os.PathLike) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise DataError(root, "is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(_NIFTI_SUFFIXES))
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(_NIFTI_SUFFIXES)
+                   and not is_temporary(p))
     if not files:
         raise DataError(root, "holds no NIfTI volumes (.nii, .nii.gz)")
     return files

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_path", "atomic_write_json", "atomic_torch_save", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_json", "atomic_torch_save", "atomic_write_text", "is_temporary"]
 
 
 @contextlib.contextmanager
@@ -22,8 +22,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
     Args:
         path: final destination.
-        suffix: suffix of the temporary file (defaults to the destination's full suffix, so writers
-            that dispatch on the extension, such as nibabel, still work).
+        suffix: suffix of the temporary file after ``.tmp`` (defaults to the destination's full suffix,
+            so writers that dispatch on the extension, such as nibabel, still work; pass ``""`` where the
+            writer does not, so that a file left by a killed process never matches ``*.pt`` or ``*.json``).
 
     Raises:
         Whatever the block raises; the temporary file is removed first.
@@ -42,9 +43,15 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             tmp_path.unlink()
 
 
+def is_temporary(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an atomic writer's temporary file (``.name.XXXX.tmp…``), possibly left by a killed process."""
+    name = Path(path).name
+    return name.startswith(".") and ".tmp" in name
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically and return the path."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, suffix="") as tmp:
         tmp.write_text(text)
     return Path(path)
 
@@ -56,6 +63,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 4) -> Pat
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to ``path`` atomically and return the path."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, suffix="") as tmp:
         torch.save(obj, tmp)
     return Path(path)
