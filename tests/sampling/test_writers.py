@@ -14,9 +14,6 @@ from monai.transforms import LoadImage
 from PIL import Image
 
 from meddiff.data import writers as writers_mod
-from meddiff.reader_study.build import find_volumes
-from meddiff.utils import atomic as atomic_mod
-from meddiff.utils import atomic_torch_save, atomic_write_json, is_temporary
 from meddiff.data.writers import (
     LABEL_COLOURS,
     affine_from_geometry,
@@ -24,6 +21,9 @@ from meddiff.data.writers import (
     save_nifti,
     save_overlay_mosaic_png,
 )
+from meddiff.reader_study.build import find_volumes
+from meddiff.utils import atomic as atomic_mod
+from meddiff.utils import atomic_torch_save, atomic_write_json, is_temporary
 
 
 def _load(path: Path) -> MetaTensor:
