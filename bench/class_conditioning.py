@@ -166,12 +166,38 @@ def reconstruct(autoencoder: torch.nn.Module, volumes: torch.Tensor) -> torch.Te
                           for v in volumes]).clamp(-1, 1)
 
 
+def parse_guidance_rows(spec: str) -> list[dict[str, Any]]:
+    """``--guidance`` rows: comma-separated scales, each optionally with ``:interval=LO-HI`` and/or ``:rescale=PHI``
+    (``"1.0,3.0,3.0:interval=0.2-0.8"``) -> ``[{"name", "guidance_scale", "guidance_interval", "guidance_rescale"}]``.
+    """
+    rows = []
+    for item in spec.split(","):
+        scale, *options = item.strip().split(":")
+        row = {"name": f"g={float(scale)}", "guidance_scale": float(scale), "guidance_interval": [0.0, 1.0],
+               "guidance_rescale": 0.0}
+        for option in options:
+            key, _, value = option.partition("=")
+            if key == "interval":
+                lo, _, hi = value.partition("-")
+                row["guidance_interval"] = [float(lo), float(hi)]
+            elif key == "rescale":
+                row["guidance_rescale"] = float(value)
+            else:
+                raise ValueError(f"--guidance: unknown option {option!r} in {item!r} (interval=LO-HI, rescale=PHI)")
+            row["name"] += f" {key} {value}"
+        rows.append(row)
+    return rows
+
+
 def _sample(autoencoder: torch.nn.Module, model: torch.nn.Module, info: dict, seeds: Sequence[int],
-            classes: Sequence[str] | None, guidance: float, steps: int) -> tuple[torch.Tensor, float]:
+            classes: Sequence[str] | None, guidance: dict[str, Any], steps: int) -> tuple[torch.Tensor, float]:
     scheduler = make_sampling_scheduler("rflow", num_train_timesteps=int(info["num_train_timesteps"]))
     sampler = LatentDiffusionSampler(autoencoder, model, scheduler, latent_info=info, num_inference_steps=steps,
                                      num_samples=len(seeds), seeds=list(seeds), class_label=classes,
-                                     guidance_scale=guidance, sample_batch_size=4, progress=False)
+                                     guidance_scale=guidance["guidance_scale"],
+                                     guidance_interval=guidance["guidance_interval"],
+                                     guidance_rescale=guidance["guidance_rescale"], sample_batch_size=4,
+                                     progress=False)
     tic = time.perf_counter()
     volumes = sampler.generate(list(seeds))
     return volumes, (time.perf_counter() - tic) / len(seeds)
@@ -196,7 +222,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num_heldout", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--sampling_steps", type=int, default=10)
-    parser.add_argument("--guidance", default="1.0,3.0,5.0", help="guidance scales; the bundle default is 3.0")
+    parser.add_argument("--guidance", default="1.0,3.0,5.0",
+                        help="guidance rows: scales, each optionally :interval=LO-HI and/or :rescale=PHI "
+                             "(guidance_interval, guidance_rescale); the bundle default is 3.0 over [0, 1]")
     parser.add_argument("--workdir", default=None, help="keep data, weights and logs here (default: a temp dir)")
     parser.add_argument("--out", default="bench/results/class_conditioning.json")
     parser.add_argument("--markdown", default=None)
@@ -265,7 +293,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             shutil.copy(kept, bundle / "models" / "model_autoencoder.pt")
         recon_ceiling = ceiling(autoencoder)
         logger.info("bench autoencoder on held-out real volumes: %s", recon_ceiling)
-        train_seconds = _train(bundle, data, labels, args.steps, args)
+        trained = work / f"diffusion_model_{args.steps}_ae{args.ae_steps}.pt"  # a rerun in the same --workdir reuses it
+        if trained.is_file():
+            for suffix in (".pt", ".json"):
+                shutil.copy(trained.with_suffix(suffix), bundle / "models" / f"diffusion_model{suffix}")
+            train_seconds = json.loads(trained.with_suffix(".seconds.json").read_text())
+        else:
+            train_seconds = _train(bundle, data, labels, args.steps, args)
+            for suffix in (".pt", ".json"):
+                shutil.copy(bundle / "models" / f"diffusion_model{suffix}", trained.with_suffix(suffix))
+            atomic_write_json(trained.with_suffix(".seconds.json"), train_seconds)
 
         overrides = {"dataset_dir": str(data), "progress": False, "unet_channels": json.loads(args.unet_channels),
                      "unet_attention_levels": json.loads(args.unet_attention_levels.lower()),
@@ -289,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         subsets = seed_subsets(len(seeds), max(2, len(seeds) // 2), 200)
         requested = ["healthy", "lesion"] * (len(seeds) // 2) + ["healthy"] * (len(seeds) % 2)
         rows: list[dict[str, Any]] = []
-        plans = [("uncond", None, 1.0)] + [(f"g={g}", requested, float(g)) for g in args.guidance.split(",")]
+        plain = {"guidance_scale": 1.0, "guidance_interval": [0.0, 1.0], "guidance_rescale": 0.0}
+        plans = [("uncond", None, plain)] + [(g["name"], requested, g) for g in parse_guidance_rows(args.guidance)]
         for name, classes, guidance in plans:
             volumes, seconds = _sample(autoencoder, model, info, seeds, classes, guidance, args.sampling_steps)
             stat = region_mean(volumes, mask)
@@ -303,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if classes:
                 per_subset["msssim_within_class"] = [
                     within_class_mean(msssim, s, np.array([c == "lesion" for c in classes])) for s in subsets]
-            row = {"row": name, "guidance_scale": guidance if classes else None,
+            row = {"row": name, **({k: v for k, v in guidance.items() if k != "name"} if classes else {}),
                    "seconds_per_volume": seconds, "measured_lesion_fraction": measured.count("lesion") / len(seeds),
                    "statistic": [round(float(s), 4) for s in stat],
                    **{k: float(statistics.median(v)) for k, v in per_subset.items()}, "_subsets": per_subset}

@@ -57,11 +57,13 @@ def test_training_records_the_classes(trained):
 def test_guided_sampling_records_class_per_sample(trained):
     bundle, overrides = trained
     run_bundle(bundle, "inference", {**overrides, "num_samples": "3", "num_inference_steps": "2",
-                                     "class_label": "['lesion','healthy']", "guidance_scale": "2.5"})
+                                     "class_label": "['lesion','healthy']", "guidance_scale": "2.5",
+                                     "guidance_interval": "[0.2,0.9]", "guidance_rescale": "0.5"})
     out = bundle / "outputs"
     manifest = json.loads((out / "samples.json").read_text())
     assert [s["class_label"] for s in manifest["samples"]] == ["lesion", "healthy", "lesion"]
     assert manifest["guidance_scale"] == 2.5 and manifest["class_names"] == ["healthy", "lesion"]
+    assert manifest["guidance_interval"] == [0.2, 0.9] and manifest["guidance_rescale"] == 0.5
     for record in manifest["samples"]:
         header = nib.load(out / record["file"]).header
         descrip = header["descrip"].tobytes().rstrip(b"\0").decode()

@@ -86,6 +86,46 @@ def test_guidance_scale_one_is_conditional_and_zero_unconditional():
     torch.testing.assert_close(three, uncond + 3.0 * (cond - uncond), atol=1e-5, rtol=1e-5)
 
 
+def test_guidance_rescale_matches_the_conditional_spread():
+    net = _nonzero_output(_pseudo3d(3))
+    x, t, labels = torch.randn(2, 4, 8, 8, 4), torch.tensor([7, 7]), torch.tensor([0, 1])
+    with torch.no_grad():
+        cond = net(x, timesteps=t, class_labels=labels)
+        plain = classifier_free_guidance(net, x, t, labels, null_label=2, guidance_scale=5.0)
+        full = classifier_free_guidance(net, x, t, labels, null_label=2, guidance_scale=5.0, guidance_rescale=1.0)
+        half = classifier_free_guidance(net, x, t, labels, null_label=2, guidance_scale=5.0, guidance_rescale=0.5)
+    dims = (1, 2, 3, 4)
+    assert (plain.std(dim=dims) / cond.std(dim=dims)).min() > 1.5  # large scales inflate the spread
+    torch.testing.assert_close(full.std(dim=dims), cond.std(dim=dims), atol=1e-5, rtol=1e-4)  # per sample
+    torch.testing.assert_close(half, 0.5 * full + 0.5 * plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ddim", "rflow"])
+def test_guidance_interval_limits_the_guided_steps(method):
+    net = _nonzero_output(_pseudo3d(3))
+    calls: list[int] = []
+    net.register_forward_pre_hook(lambda module, args, kwargs: calls.append(args[0].shape[0]), with_kwargs=True)
+    everywhere = _sampler(method, net, INFO, class_label="lesion", guidance_scale=3.0)
+    z_all = everywhere.sample_latents([0])
+    assert calls == [2, 2, 2]  # conditional + unconditional in one doubled batch at each of the 3 steps
+    calls.clear()
+    nowhere = _sampler(method, net, INFO, class_label="lesion", guidance_scale=3.0, guidance_interval=[0.0, 0.0])
+    z_none = nowhere.sample_latents([0])
+    assert calls == [1, 1, 1]  # outside the interval: the conditional pass alone
+    plain = _sampler(method, net, INFO, class_label="lesion", guidance_scale=1.0).sample_latents([0])
+    torch.testing.assert_close(z_none, plain, atol=1e-4, rtol=1e-4)
+    assert (z_all - z_none).abs().max() > 1e-3
+    calls.clear()
+    levels = [float(t) / nowhere.scheduler.num_train_timesteps for t in nowhere.scheduler.timesteps]
+    cut = sorted(levels)[1]  # guide only the two least noisy steps
+    _sampler(method, net, INFO, class_label="lesion", guidance_scale=3.0, guidance_interval=[0.0, cut]).sample_latents([0])
+    assert calls == [1, 2, 2]
+    with pytest.raises(ValueError, match="guidance_interval"):
+        _sampler(method, net, INFO, class_label="lesion", guidance_interval=[0.8, 0.2])
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        _sampler(method, net, INFO, class_label="lesion", guidance_rescale=1.5)
+
+
 def test_resolve_class_labels_cycles_and_names_errors():
     assert resolve_class_labels(["lesion", "healthy"], INFO, 3) == ["lesion", "healthy", "lesion"]
     assert resolve_class_labels(None, INFO, 2) == [None, None]

@@ -18,6 +18,7 @@ def classifier_free_guidance(
     class_labels: torch.Tensor,
     null_label: int,
     guidance_scale: float,
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """Guided prediction ``uncond + s * (cond - uncond)`` from one batched pass of the conditional and
     unconditional inputs (the batch is doubled; the network is called once).
@@ -33,6 +34,10 @@ def classifier_free_guidance(
         class_labels: (N,) class indices of the conditional branch.
         null_label: index of the null (unconditional) class.
         guidance_scale: the guidance scale ``s``.
+        guidance_rescale: ``phi`` in [0, 1] (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are
+            Flawed", 2024, section 3.4): the guided prediction is rescaled to the conditional prediction's
+            standard deviation per sample, and mixed ``phi * rescaled + (1 - phi) * guided``, which counters the
+            over-saturation of large scales. 0 (default): plain guidance.
 
     Returns:
         The guided prediction, (N, C, h, w, d), in the network's output dtype.
@@ -42,7 +47,13 @@ def classifier_free_guidance(
     null = torch.full_like(labels, int(null_label))
     out = network(torch.cat([x, x]), timesteps=torch.cat([timesteps, timesteps]), class_labels=torch.cat([labels, null]))
     cond, uncond = out[:n], out[n:]
-    return uncond + float(guidance_scale) * (cond - uncond)
+    guided = uncond + float(guidance_scale) * (cond - uncond)
+    if guidance_rescale:
+        dims = tuple(range(1, guided.ndim))
+        rescaled = guided * (cond.float().std(dim=dims, keepdim=True) / guided.float().std(dim=dims, keepdim=True)
+                             .clamp_min(1e-12)).to(guided.dtype)
+        guided = float(guidance_rescale) * rescaled + (1.0 - float(guidance_rescale)) * guided
+    return guided
 
 
 def resolve_class_labels(

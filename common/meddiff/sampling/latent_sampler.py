@@ -245,6 +245,11 @@ class LatentDiffusionSampler:
             keyed by its seed); ``None``: unconditional (the null class). Unconditional weights need ``None``.
         guidance_scale: classifier-free guidance scale ``s``: the loop uses ``uncond + s * (cond - uncond)``
             from one batched pass (``1``: the conditional prediction alone, one pass; ``0``: unconditional).
+        guidance_interval: ``[lo, hi]``, the noise levels, as fractions of ``num_train_timesteps``
+            (1 = pure noise), at which guidance is applied; elsewhere the step takes the conditional prediction
+            alone, one pass (Kynkäänniemi et al., "Applying Guidance in a Limited Interval Improves Sample and
+            Distribution Quality in Diffusion Models", 2024). ``[0, 1]`` (default): every step.
+        guidance_rescale: ``phi`` of :func:`meddiff.sampling.classifier_free_guidance` (0: plain guidance).
         distributed: shard :meth:`run`'s volumes over the ranks of the initialised ``torch.distributed``
             process group (``configs/multi_gpu_inference.json`` under ``torchrun``): the batches of
             ``sample_batch_size`` volumes go round-robin to the ranks, so a volume is byte-identical to a
@@ -301,6 +306,8 @@ class LatentDiffusionSampler:
         compression: int | None = None,
         class_label: str | Sequence[str] | None = None,
         guidance_scale: float = 3.0,
+        guidance_interval: Sequence[float] = (0.0, 1.0),
+        guidance_rescale: float = 0.0,
         distributed: bool | str = False,
         resume: bool | str = True,
         sample_spacing: Sequence[float] | None = None,
@@ -369,6 +376,10 @@ class LatentDiffusionSampler:
         self.num_classes = int(info.get("num_classes", 0) or 0)
         self.class_names = [str(c) for c in info.get("class_names", [])]
         self.guidance_scale = float(guidance_scale)
+        self.guidance_interval = _guidance_interval(guidance_interval)
+        self.guidance_rescale = float(guidance_rescale)
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}.")
         self.sample_classes = resolve_class_labels(class_label, info, self.num_samples)
         self._class_of_seed = dict(zip(reversed(self.seeds), reversed(self.sample_classes)))
         self.distributed = as_bool(distributed, "distributed")
@@ -479,7 +490,13 @@ class LatentDiffusionSampler:
             return network(x, timesteps=t)
         if not guided:
             return network(x, timesteps=t, class_labels=labels)
-        return classifier_free_guidance(network, x, t, labels, self.num_classes, self.guidance_scale)
+        return classifier_free_guidance(network, x, t, labels, self.num_classes, self.guidance_scale,
+                                        self.guidance_rescale)
+
+    def _guided_at(self, t: torch.Tensor) -> bool:
+        """Whether timestep ``t`` lies in ``guidance_interval`` (noise level as a fraction of the training steps)."""
+        level = float(t) / float(self.scheduler.num_train_timesteps)
+        return self.guidance_interval[0] <= level <= self.guidance_interval[1]
 
     def _sample_chunk(self, seeds: list[int], classes: Sequence[str | None] | None = None) -> torch.Tensor:
         generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
@@ -495,7 +512,7 @@ class LatentDiffusionSampler:
                               disable=not self.progress or self.distributed, dynamic_ncols=True):  # ranks: 1 bar
             t_batch = t.to(self.device).expand(len(seeds))
             with self._autocast(self.sampling_dtype):
-                output = self._predict(x, t_batch, labels, guided)
+                output = self._predict(x, t_batch, labels, guided and self._guided_at(t))
             output = output.float()
             if per_sample:
                 x = torch.cat([self._step(output[i:i + 1], t, x[i:i + 1], next_t, g)
@@ -665,6 +682,7 @@ class LatentDiffusionSampler:
             "weights": {p.name: file_sha256(p) for p in self.weights_files if p.is_file()},
             "meddiff_version": meddiff.__version__,
             **({"num_classes": self.num_classes, "class_names": self.class_names, "guidance_scale": self.guidance_scale,
+                "guidance_interval": self.guidance_interval, "guidance_rescale": self.guidance_rescale,
                 "class_labels": self.sample_classes} if self.num_classes else {}),
             **({"condition_on_spacing": True, "sample_spacing": self.sample_spacing}
                if self.sample_spacing is not None else {}),
@@ -748,6 +766,15 @@ class LatentDiffusionSampler:
         for writer in self.extra_writers:
             files.extend(_output_files(writer(volume, affine, stem)))
         return files
+
+
+def _guidance_interval(interval: Sequence[float]) -> list[float]:
+    """``guidance_interval`` checked: two fractions ``0 <= lo <= hi <= 1``."""
+    values = [float(v) for v in interval] if isinstance(interval, Sequence) and not isinstance(interval, str) else []
+    if len(values) != 2 or not 0.0 <= values[0] <= values[1] <= 1.0:
+        raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1 (fractions of "
+                         f"num_train_timesteps, 1 = pure noise), got {interval!r}.")
+    return values
 
 
 def _output_files(output: Any) -> list[Path]:
