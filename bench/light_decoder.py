@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.large_volume import TILING_KEYS, run_child  # noqa: E402
 from bench.pipeline import load_config  # noqa: E402
+from bench.sampling import run_info, write_results  # noqa: E402
 from meddiff.cli.stages import TRAIN_OVERRIDES, bundle_command, demo_train_stages, trained_weights  # noqa: E402
 from meddiff.data.demo import make_ct_demo  # noqa: E402
-from meddiff.utils import atomic_write_json, atomic_write_text, machine_info  # noqa: E402
 
 logger = logging.getLogger("bench.light_decoder")
 REPO = Path(__file__).resolve().parents[1]
@@ -149,13 +149,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads of the time rows (default: torch's)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per time row")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "light_decoder.json")
     parser.add_argument("--markdown", type=Path, help="write the tables here")
     args = parser.parse_args(argv)
     tic = time.perf_counter()
     results: dict[str, Any] = {"bench": "light_decoder", "spatial_size": args.spatial_size, "overlay": args.overlay,
                                "device": args.device, "threads": args.threads or torch.get_num_threads(),
-                               "steps": args.steps, "machine": machine_info(),
+                               "steps": args.steps,
                                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "time_rows": time_rows(args)}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
@@ -163,14 +163,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.psnr_widths and not data.is_dir():
             make_ct_demo(data, num_volumes=args.num_volumes)
         results["psnr_rows"] = [train_vqgan(w, data, work, args.steps) for w in args.psnr_widths]
-    results["wall_seconds"] = round(time.perf_counter() - tic, 1)
-    results["command"] = "python bench/light_decoder.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = markdown(results)
-    print(text)
-    if args.out:
-        atomic_write_json(args.out, results)
-    if args.markdown:
-        atomic_write_text(args.markdown, text + "\n")
+    results.update(run_info("bench/light_decoder.py", argv, tic))
+    write_results(results, markdown(results), args.out, args.markdown, logger)
     return results
 
 

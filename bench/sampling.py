@@ -60,7 +60,7 @@ from meddiff.metrics import (
 )
 from meddiff.sampling import LatentDiffusionSampler
 from meddiff.schedulers import is_stochastic, make_sampling_scheduler
-from meddiff.utils import atomic_write_json, machine_info, timed
+from meddiff.utils import atomic_write_json, atomic_write_text, machine_info, timed
 
 __all__ = [
     "DEFAULT_ROWS",
@@ -385,7 +385,7 @@ def write_results(result: Mapping[str, Any], table: str, out: str | Path, markdo
     """
     atomic_write_json(Path(out), result)
     if markdown:
-        Path(markdown).write_text(table + "\n")
+        atomic_write_text(Path(markdown), table + "\n")
     log.info("results in %s\n%s", out, table)
 
 
