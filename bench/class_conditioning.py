@@ -223,9 +223,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num_heldout", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--sampling_steps", type=int, default=10)
-    parser.add_argument("--guidance", default="1.0,3.0,5.0",
+    parser.add_argument("--guidance", default="1.0,1.5,2.0,3.0",
                         help="guidance rows: scales, each optionally :interval=LO-HI and/or :rescale=PHI "
-                             "(guidance_interval, guidance_rescale); the bundle default is 3.0 over [0, 1]")
+                             "(guidance_interval, guidance_rescale); the bundle default is 1.5 over [0, 1]")
     parser.add_argument("--workdir", default=None, help="keep data, weights and logs here (default: a temp dir)")
     parser.add_argument("--out", default="bench/results/class_conditioning.json")
     parser.add_argument("--markdown", default=None)

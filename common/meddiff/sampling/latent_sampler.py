@@ -305,7 +305,7 @@ class LatentDiffusionSampler:
         spatial_size: Sequence[int] | None = None,
         compression: int | None = None,
         class_label: str | Sequence[str] | None = None,
-        guidance_scale: float = 3.0,
+        guidance_scale: float = 1.5,
         guidance_interval: Sequence[float] = (0.0, 1.0),
         guidance_rescale: float = 0.0,
         distributed: bool | str = False,
