@@ -254,15 +254,8 @@ class ControlNetSampler(LatentDiffusionSampler):
         path = self.output_dir / "samples.json"
         if not self.resume or not path.is_file():
             return {}
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}
-        provenance = json.loads(json.dumps(provenance))
-        if any(manifest.get(k) != v for k, v in provenance.items()):
-            logger.info("%s was written with other settings: every volume is sampled again", path)
-            return {}
-        return {r["file"]: r for r in manifest.get("samples", []) if isinstance(r, dict) and "file" in r}
+        return {r["file"]: r for manifest in self._matching_manifests(provenance, [path])
+                for r in manifest.get("samples", []) if isinstance(r, dict) and "file" in r}
 
     def run(self) -> list[Path]:
         """Sample ``num_samples_per_mask`` volumes per label map and write them with their maps; see the class.

@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -705,12 +705,11 @@ class LatentDiffusionSampler:
         paths.sort(key=lambda p: p.stat().st_mtime)
         return ([whole] if whole.is_file() else []) + paths
 
-    def _earlier_records(self, provenance: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
-        """Records of earlier runs with the same settings, by volume index (files not yet verified)."""
-        names = {f"{self.prefix}_{i:03d}.nii.gz": i for i in range(self.num_samples)}
+    @staticmethod
+    def _matching_manifests(provenance: Mapping[str, Any], paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
+        """The manifests among ``paths`` written with the settings ``provenance`` (others are skipped and logged)."""
         provenance = json.loads(json.dumps(provenance))  # as read back (tuples become lists)
-        found: dict[int, dict[str, Any]] = {}
-        for path in self._manifests():
+        for path in paths:
             try:
                 manifest = json.loads(path.read_text())
             except (OSError, ValueError):
@@ -723,6 +722,13 @@ class LatentDiffusionSampler:
                 logger.info("%s was written with other settings (%s): its volumes are sampled again", path,
                             ", ".join(changed))
                 continue
+            yield manifest
+
+    def _earlier_records(self, provenance: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+        """Records of earlier runs with the same settings, by volume index (files not yet verified)."""
+        names = {f"{self.prefix}_{i:03d}.nii.gz": i for i in range(self.num_samples)}
+        found: dict[int, dict[str, Any]] = {}
+        for manifest in self._matching_manifests(provenance, self._manifests()):
             for record in manifest.get("samples", []):
                 i = names.get(record.get("file"))
                 if i is not None and record.get("seed") == self.seeds[i] and record.get("sha256"):
