@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from meddiff.cli.stages import trained_weights
 from meddiff.utils import atomic_write_json
 
 __all__ = [
@@ -91,8 +92,7 @@ def _run(bundle: Path, stage: str, overrides: Mapping[str, Any], generator_overr
 
 def _stage_weights(models: Path) -> dict[str, str]:
     """Overrides that point a stage at the generator's stage-1 and stage-2 files in ``models``."""
-    return {"autoencoder_weights": str(models / "autoencoder.pt"), "diffusion_weights": str(models / "diffusion_model.pt"),
-            "latent_info_file": str(models / "diffusion_model.json"), "nyul_file": str(models / "nyul_landmarks.json")}
+    return {**trained_weights(models), "nyul_file": str(models / "nyul_landmarks.json")}
 
 
 def train_generator(out: str | os.PathLike, bundle: str | os.PathLike, unlabelled_dir: str | os.PathLike,

@@ -41,6 +41,7 @@ import numpy as np
 
 from meddiff.data.errors import DataError
 from meddiff.data.segmentation import load_labelled_datalist
+from meddiff.transforms.label_maps import MASK_AUGMENTATIONS
 from meddiff.utils import atomic_path, atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -503,8 +504,8 @@ def run_label_budget_experiment(
     generated = [i for i in arms if i in GENERATED_ARMS]
     if generated and unlabelled_dir is None:
         raise ValueError(f"the arms {generated} need unlabelled_dir: the generation bundle trains on it")
-    if mask_augmentation not in ("off", "affine", "elastic"):
-        raise ValueError(f"mask_augmentation must be 'off', 'affine' or 'elastic', got {mask_augmentation!r}")
+    if mask_augmentation not in MASK_AUGMENTATIONS:
+        raise ValueError(f"mask_augmentation must be one of {list(MASK_AUGMENTATIONS)}, got {mask_augmentation!r}")
     common = _load_overrides(overrides)
     stage_extra = {"pretrain": _load_overrides(pretrain_overrides), "train": _load_overrides(train_overrides),
                    "evaluate": _load_overrides(evaluate_overrides)}
