@@ -33,6 +33,7 @@ reconstructions of the real training + held-out volumes, 5th..95th percentile ov
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -167,6 +168,20 @@ def reconstruct(autoencoder: torch.nn.Module, volumes: torch.Tensor) -> torch.Te
                           for v in volumes]).clamp(-1, 1)
 
 
+#: the settings each cached stage of a --workdir depends on (the denoiser trains on the fine-tuned autoencoder)
+DATA_SETTINGS = ("lesion_radius_mm", "lesion_contrast", "num_train", "num_heldout")
+AUTOENCODER_SETTINGS = (*DATA_SETTINGS, "ae_steps", "ae_lr", "ae_batch_size")
+DENOISER_SETTINGS = (*AUTOENCODER_SETTINGS, "steps", "lr", "batch_size", "cfg_dropout", "unet_channels",
+                     "unet_attention_levels")
+
+
+def cached_file(work: Path, stem: str, args: argparse.Namespace, settings: Sequence[str]) -> Path:
+    """``<work>/<stem>_<hash of the settings>.pt``: a rerun in the same ``--workdir`` reuses a stage only when
+    every setting it depends on is the same."""
+    key = json.dumps({k: getattr(args, k) for k in settings}, sort_keys=True)
+    return work / f"{stem}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+
+
 def parse_guidance_rows(spec: str) -> list[dict[str, Any]]:
     """``--guidance`` rows: comma-separated scales, each optionally with ``:interval=LO-HI`` and/or ``:rescale=PHI``
     (``"1.0,3.0,3.0:interval=0.2-0.8"``) -> ``[{"name", "guidance_scale", "guidance_interval", "guidance_rescale"}]``.
@@ -280,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         logger.info("shipped autoencoder on held-out real volumes: %s", shipped_ceiling)
         ae_log: list[float] = []
         ae_seconds = 0.0
-        kept = work / f"autoencoder_finetuned_{args.ae_steps}.pt"  # a rerun in the same --workdir reuses it
+        kept = cached_file(work, "autoencoder_finetuned", args, AUTOENCODER_SETTINGS)
         if args.ae_steps > 0 and kept.is_file():
             autoencoder.load_state_dict(torch.load(kept, map_location="cpu", weights_only=True))
             ae_log, ae_seconds = json.loads(kept.with_suffix(".json").read_text())
@@ -294,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             shutil.copy(kept, bundle / "models" / "model_autoencoder.pt")
         recon_ceiling = ceiling(autoencoder)
         logger.info("bench autoencoder on held-out real volumes: %s", recon_ceiling)
-        trained = work / f"diffusion_model_{args.steps}_ae{args.ae_steps}.pt"  # a rerun in the same --workdir reuses it
+        trained = cached_file(work, "diffusion_model", args, DENOISER_SETTINGS)
         if trained.is_file():
             for suffix in (".pt", ".json"):
                 shutil.copy(trained.with_suffix(suffix), bundle / "models" / f"diffusion_model{suffix}")
@@ -327,8 +342,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         subsets = seed_subsets(len(seeds), max(2, len(seeds) // 2), 200)
         requested = ["healthy", "lesion"] * (len(seeds) // 2) + ["healthy"] * (len(seeds) % 2)
         rows: list[dict[str, Any]] = []
-        plain = {"guidance_scale": 1.0, "guidance_interval": [0.0, 1.0], "guidance_rescale": 0.0}
-        plans = [("uncond", None, plain)] + [(g["name"], requested, g) for g in parse_guidance_rows(args.guidance)]
+        plans = [("uncond", None, parse_guidance_rows("1.0")[0])]
+        plans += [(g["name"], requested, g) for g in parse_guidance_rows(args.guidance)]
         for name, classes, guidance in plans:
             volumes, seconds = _sample(autoencoder, model, info, seeds, classes, guidance, args.sampling_steps)
             stat = region_mean(volumes, mask)

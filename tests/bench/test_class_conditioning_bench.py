@@ -32,5 +32,9 @@ def test_class_conditioning_bench_toy(tmp_path):
     again = bench.main([*args, "--guidance", "1.0"])
     assert again["train_seconds"] == results["train_seconds"]
     assert again["rows"][1]["statistic"] == plain["statistic"]
+    assert len(list(work.glob("diffusion_model_*.pt"))) == 1
+    # another denoiser setting trains another denoiser (the autoencoder is still reused)
+    bench.main([*args, "--guidance", "1.0", "--lr", "0.001"])
+    assert len(list(work.glob("diffusion_model_*.pt"))) == 2 and len(list(work.glob("autoencoder_*.pt"))) == 1
     with pytest.raises(ValueError, match="unknown option"):
         bench.parse_guidance_rows("3.0:scale=2")
