@@ -56,8 +56,6 @@ def _parser(bundle: Path, names: list[str], overrides: dict[str, Any] | None = N
     return parser
 
 
-
-
 def _narrow(bundle: Path) -> dict[str, Any]:
     """Narrow widths with the shipped configs' structure (levels, downsampling), so shapes stay the metadata's."""
     parser = _parser(bundle, INFERENCE)
