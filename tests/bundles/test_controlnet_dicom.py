@@ -1,7 +1,7 @@
 # Copyright (c) meddiff contributors. Licensed under the Apache License, Version 2.0.
 """Clinical DICOM end to end through `python -m monai.bundle run`: CT folders with their RTSTRUCT train all three
-stages of the CT bundle and condition sampling; the DICOM SEG written beside each synthetic CT series reads back
-onto that series' grid."""
+stages of the CT bundle and condition sampling, as do a real CT's variants whose folders hold a DICOM SEG of their
+organs; the DICOM SEG written beside each synthetic CT series reads back onto that series' grid."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pydicom
 import pytest
 
 from meddiff.data import read_dicom_seg
+from meddiff.data.demo import CT_ORGAN_LABELS, make_ct_organ_demo
 from meddiff.data.masks import file_sha256
 from tests.bundles.conftest import CT_BUNDLE, run_bundle
 from tests.data.rt_helpers import write_ct, write_rtstruct
@@ -82,3 +83,38 @@ def test_ct_rtstruct_folders_train_and_condition_sampling_with_seg_output(tmp_pa
                                      "num_inference_steps": "2", "write_dicom": "true"})
     folders = [p for p in plain.iterdir() if p.is_dir() and p.name.endswith("_dicom")]
     assert len(folders) == 1 and not (folders[0] / "seg.dcm").exists()
+
+
+def test_real_ct_with_organ_seg_trains_the_controlnet_and_conditions_sampling(tmp_path):
+    """Real anatomy: the shipped abdominal CT's variants as DICOM series, each holding a SEG of 9 organs."""
+    data = tmp_path / "organs"
+    dataset = make_ct_organ_demo(data, num_volumes=2, layout="dicom")
+    bundle = shutil.copytree(CT_BUNDLE, tmp_path / "bundle", ignore=shutil.ignore_patterns(
+        "datalist.json", "checkpoints", "autoencoder*", "diffusion_model*", "controlnet*", "nyul_landmarks.json"))
+    names = {name: int(v) for v, name in CT_ORGAN_LABELS.items() if int(v)}
+    overrides = {"bundle_root": None, "dataset_dir": str(data), "val_fraction": "0.5", "pixdim": "[12.0,12.0,6.0]",
+                 "spatial_size": "[32,24,16]", "num_label_classes": str(len(CT_ORGAN_LABELS)),
+                 "mask_label_names": str(names).replace(" ", ""), "controlnet_datalist_file": str(dataset)}
+    steps = {"max_steps": "1", "val_interval": "1", "ckpt_interval": "1"}
+    ema = {"ema_start_step": "10", "ema_update_every": "1", "warmup_steps": "1"}
+    run_bundle(bundle, "train_autoencoder", {**overrides, **steps})
+    run_bundle(bundle, "train_diffusion", {**overrides, **steps, **ema})
+    run_bundle(bundle, "train_diffusion", {**overrides, **steps, **ema}, extra_configs=["configs/train_controlnet.json"])
+    assert json.loads((bundle / "models" / "controlnet.json").read_text())["num_label_classes"] == 10
+
+    masks = tmp_path / "masks"  # an image folder holding its SEG is a mask source
+    shutil.copytree(data / "CTORGAN-01", masks / "CTORGAN-01")
+    out = tmp_path / "generated"
+    run_bundle(bundle, "inference", {**overrides, **ema, "mask_dir": str(masks), "output_dir": str(out),
+                                     "num_inference_steps": "2", "write_dicom": "true"},
+               extra_configs=["configs/inference_controlnet.json"])
+    (record,) = json.loads((out / "samples.json").read_text())["samples"]
+    assert record["mask_kind"] == "seg"
+    written = np.asarray(nib.load(out / record["label_file"]).dataobj).astype(np.uint8)
+    assert written.shape == (32, 24, 16) and {0, 1, 2, 3, 7, 8} <= set(np.unique(written).tolist())
+    seg = out / (record["file"].removesuffix(".nii.gz") + "_dicom") / "seg.dcm"
+    header = pydicom.dcmread(seg, stop_before_pixels=True)
+    present = [name for name, v in names.items() if (written == v).any()]
+    assert [s.SegmentLabel for s in header.SegmentSequence] == list(names)[: len(header.SegmentSequence)]
+    labels, _ = read_dicom_seg(seg, seg.parent, {name: names[name] for name in present})
+    np.testing.assert_array_equal(labels, written)

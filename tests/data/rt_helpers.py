@@ -91,6 +91,24 @@ def _contours_index_space() -> dict[str, dict[int, list[np.ndarray]]]:
     return out
 
 
+def contours_from_mask(mask: np.ndarray) -> dict[int, list[np.ndarray]]:
+    """Per slice ``k``, the closed outlines of the bool ``(X, Y, Z)`` ``mask`` as polygons in voxel-index ``(x, y)``.
+
+    Outlines are the 0.5 iso-lines of each slice (marching squares, ``contourpy``): they pass half-way between
+    inside and outside voxel centres, as contours drawn on a planning system do; holes come as their own polygons.
+    """
+    import contourpy
+
+    out: dict[int, list[np.ndarray]] = {}
+    for k in range(mask.shape[2]):
+        plane = np.pad(mask[..., k].astype(np.float64), 1)  # padded, so outlines touching the border close
+        if not plane.any():
+            continue
+        lines = contourpy.contour_generator(z=plane, line_type="Separate").lines(0.5)
+        out[k] = [line[:, ::-1] - 1.0 for line in lines if len(line) >= 3]  # (row, column) -> (x, y), unpadded
+    return out
+
+
 def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class

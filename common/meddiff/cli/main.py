@@ -18,7 +18,7 @@ from ..data.errors import DataError
 from ..reader_study.cli import COMMANDS as READER_STUDY_COMMANDS
 from .breast import breast_demo, breast_experiment, breast_phantoms
 
-__all__ = ["COMMANDS", "datalist", "demo", "export", "format_json", "main"]
+__all__ = ["COMMANDS", "ct_organ_demo", "datalist", "demo", "export", "format_json", "main"]
 
 logger = logging.getLogger("meddiff.cli")
 
@@ -79,6 +79,23 @@ def demo(output_dir: str = "demo_output", num_volumes: int = 8, train: bool = Fa
     return run_demo(output_dir=output_dir, num_volumes=num_volumes, train=train)
 
 
+def ct_organ_demo(output_dir: str, num_volumes: int = 8, seed: int = 0, layout: str = "nifti") -> str:
+    """Write labelled CT: variants of a real abdominal CT with its organ label map (TotalSegmentator's test CT).
+
+    Labels: 0 background, 1 body, 2 liver, 3 spleen, 4 kidney, 5 bowel, 6 vessel, 7 bone, 8 muscle, 9 lung.
+
+    Args:
+        output_dir: the data set folder (``dataset.json`` with ``image`` + ``label`` items goes there).
+        num_volumes: number of variants.
+        seed: random seed of the variations (another seed, other variants: e.g. held-out masks).
+        layout: ``nifti`` (``imagesTr/``, ``labelsTr/``) or ``dicom`` (``CTORGAN-XX/ct/``: a CT series holding a
+            DICOM SEG of the organs, ``seg.dcm``).
+    """
+    from ..data.demo import make_ct_organ_demo
+
+    return str(make_ct_organ_demo(output_dir, num_volumes=num_volumes, seed=seed, layout=layout))
+
+
 def format_json(*paths: str, check: bool = False) -> None:
     """Write the JSON files under PATHS as the model zoo's pre-commit hook does (``pretty-format-json --indent=4 --no-sort-keys``).
 
@@ -128,6 +145,7 @@ COMMANDS: dict[str, Callable[..., Any] | dict[str, Callable[..., Any]]] = {
     "breast-phantoms": breast_phantoms,
     "breast-experiment": breast_experiment,
     "breast-demo": breast_demo,
+    "ct-organ-demo": ct_organ_demo,
     "reader-study": READER_STUDY_COMMANDS,  # a group: meddiff reader-study build|serve|analyse
 }
 

@@ -5,6 +5,8 @@
 * CT: DICOM trees (patient / study / series, with decoy non-CT series) of variants of a real head CT atlas
   shipped in this package, derived from TotalSegmentator's ``ct_brain_atlas_1mm.nii.gz`` (Apache-2.0;
   :func:`make_ct_demo`, :func:`derive_ct_demo_source`).
+* Labelled CT: variants of a real abdominal CT with its organ label map, both from TotalSegmentator's
+  test files (Apache-2.0), as NIfTI pairs or DICOM series with a DICOM SEG (:func:`make_ct_organ_demo`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from meddiff.data.writers import save_nifti
 from meddiff.utils.atomic import atomic_path, atomic_write_text
 
 __all__ = [
+    "CT_ABDOMEN_FILE",
     "CT_HEAD_FILE",
+    "CT_ORGAN_LABELS",
     "ICBM_T1_FILE",
     "ct_head_path",
     "derive_ct_demo_source",
@@ -46,6 +50,7 @@ __all__ = [
     "make_brain_demo",
     "make_brain_label_demo",
     "make_ct_demo",
+    "make_ct_organ_demo",
     "make_lesion_demo",
     "write_decoy_series",
 ]
@@ -55,19 +60,52 @@ logger = logging.getLogger(__name__)
 ICBM_T1_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 #: real head CT in HU (int16, 2 mm), shipped in meddiff/data/resources (see the README there for its licence)
 CT_HEAD_FILE = "ct_head_atlas_2mm.nii.gz"
+#: real abdominal CT in HU (int16, 3 mm) and its TotalSegmentator label map, in meddiff/data/resources (README there)
+CT_ABDOMEN_FILE = "ct_abdomen_3mm.nii.gz"
+CT_ABDOMEN_LABELS_FILE = "ct_abdomen_3mm_totalseg.nii.gz"
 #: Hounsfield units of air
 AIR_HU = -1000
+#: TotalSegmentator ("total" task) class names of the values in CT_ABDOMEN_LABELS_FILE
+TOTALSEG_CLASSES = {
+    1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver", 6: "stomach", 7: "pancreas",
+    8: "adrenal_gland_right", 9: "adrenal_gland_left", 10: "lung_upper_lobe_left", 11: "lung_lower_lobe_left",
+    13: "lung_middle_lobe_right", 14: "lung_lower_lobe_right", 18: "small_bowel", 19: "duodenum", 20: "colon",
+    30: "vertebrae_L2", 31: "vertebrae_L1", 32: "vertebrae_T12", 33: "vertebrae_T11", 52: "aorta",
+    63: "inferior_vena_cava", 64: "portal_vein_and_splenic_vein", 79: "spinal_cord", 86: "autochthon_left",
+    87: "autochthon_right", 88: "iliopsoas_left", 89: "iliopsoas_right", 98: "rib_left_7", 99: "rib_left_8",
+    100: "rib_left_9", 101: "rib_left_10", 102: "rib_left_11", 103: "rib_left_12", 110: "rib_right_7",
+    111: "rib_right_8", 112: "rib_right_9", 113: "rib_right_10", 114: "rib_right_11", 115: "rib_right_12",
+    117: "costal_cartilages",
+}
+#: label values of :func:`make_ct_organ_demo`
+CT_ORGAN_LABELS = {"0": "background", "1": "body", "2": "liver", "3": "spleen", "4": "kidney", "5": "bowel",
+                   "6": "vessel", "7": "bone", "8": "muscle", "9": "lung"}
+#: TotalSegmentator class-name prefixes merged into each label of CT_ORGAN_LABELS (other classes become "body")
+CT_ORGAN_GROUPS = {
+    "liver": ("liver",), "spleen": ("spleen",), "kidney": ("kidney_",),
+    "bowel": ("stomach", "duodenum", "small_bowel", "colon"),
+    "vessel": ("aorta", "inferior_vena_cava", "portal_vein"), "bone": ("vertebrae_", "rib_", "costal_cartilages"),
+    "muscle": ("autochthon_", "iliopsoas_"), "lung": ("lung_",),
+}
+#: tissue threshold of the body outline, HU
+BODY_HU = -500
 
 
-def _random_rigid(image: MetaTensor, rng: np.random.Generator) -> MetaTensor:
-    """A copy of ``image`` under a small random rotation (±6°), scaling (±5 %) and shift (±1.5 voxels), zero-padded."""
+def _rigid_transform(rng: np.random.Generator, mode: str = "bilinear") -> Affine:
+    """A small random rotation (±6°), scaling (±5 %) and shift (±1.5 voxels), zero-padded."""
     return Affine(
         rotate_params=[math.radians(float(a)) for a in rng.uniform(-6, 6, 3)],
         scale_params=[float(v) for v in rng.uniform(0.95, 1.05, 3)],
         translate_params=[float(v) for v in rng.uniform(-1.5, 1.5, 3)],
         padding_mode="zeros",
+        mode=mode,
         image_only=True,
-    )(image.clone())
+    )
+
+
+def _random_rigid(image: MetaTensor, rng: np.random.Generator) -> MetaTensor:
+    """A copy of ``image`` under :func:`_rigid_transform`."""
+    return _rigid_transform(rng)(image.clone())
 
 
 def icbm_t1_path() -> Path:
@@ -220,12 +258,47 @@ def make_lesion_demo(
 # ---------------------------------------------------------------------------------------------- CT
 
 
-def ct_head_path() -> Path:
-    """Path of the shipped real head CT (``meddiff/data/resources/ct_head_atlas_2mm.nii.gz``)."""
-    path = Path(str(resources.files("meddiff.data") / "resources" / CT_HEAD_FILE))
+def _resource(name: str) -> Path:
+    """Path of a file in ``meddiff/data/resources``."""
+    path = Path(str(resources.files("meddiff.data") / "resources" / name))
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from this meddiff installation (package data)")
     return path
+
+
+def ct_head_path() -> Path:
+    """Path of the shipped real head CT (``meddiff/data/resources/ct_head_atlas_2mm.nii.gz``)."""
+    return _resource(CT_HEAD_FILE)
+
+
+def ct_abdomen_paths() -> tuple[Path, Path]:
+    """Paths of the shipped real abdominal CT and its TotalSegmentator label map (same grid)."""
+    return _resource(CT_ABDOMEN_FILE), _resource(CT_ABDOMEN_LABELS_FILE)
+
+
+def ct_organ_labels(totalseg: np.ndarray, ct: np.ndarray) -> np.ndarray:
+    """The :data:`CT_ORGAN_LABELS` map of a CT: TotalSegmentator classes merged by :data:`CT_ORGAN_GROUPS`, on a
+    body outline (label 1: voxels above :data:`BODY_HU` in the largest connected component, holes filled slice
+    by slice, plus every labelled voxel).
+
+    Args:
+        totalseg: ``(X, Y, Z)`` TotalSegmentator "total" label map (values of :data:`TOTALSEG_CLASSES`).
+        ct: the CT in HU on the same grid (axial slices along the last axis).
+
+    Returns:
+        uint8 ``(X, Y, Z)``.
+    """
+    from scipy import ndimage
+
+    components, count = ndimage.label(ct > BODY_HU)
+    body = components == (1 + int(np.argmax(ndimage.sum_labels(np.ones_like(ct), components, range(1, count + 1)))))
+    body = np.stack([ndimage.binary_fill_holes(body[..., k]) for k in range(body.shape[-1])], axis=-1)
+    labels = (body | (totalseg > 0)).astype(np.uint8)
+    values = {name: int(v) for v, name in CT_ORGAN_LABELS.items()}
+    for group, prefixes in CT_ORGAN_GROUPS.items():
+        members = [v for v, name in TOTALSEG_CLASSES.items() if name.startswith(prefixes)]
+        labels[np.isin(totalseg, members)] = values[group]
+    return labels
 
 
 def _outside(zero: torch.Tensor) -> torch.Tensor:
@@ -396,3 +469,78 @@ def make_ct_demo(
     logger.info("wrote %d demo CT patients (%s voxels, %s mm) to %s", num_volumes, tuple(image.shape[1:]),
                 tuple(spacing), out)
     return written
+
+
+def make_ct_organ_demo(
+    output_dir: str | os.PathLike,
+    num_volumes: int = 8,
+    seed: int = 0,
+    layout: str = "nifti",
+    noise_hu: float = 10.0,
+) -> Path:
+    """Write ``num_volumes`` variants of the shipped abdominal CT with their organ label maps, and a ``dataset.json``.
+
+    Each variant moves the CT (trilinear) and its :func:`ct_organ_labels` map (nearest neighbour) by the same
+    small random rigid motion and scaling, pads with air and adds Gaussian noise of ``noise_hu``. The grid is the
+    source's: 122 x 101 x 30 voxels of 3 mm, RAS, about 9 cm of upper abdomen (liver, spleen, kidneys, bowel,
+    aorta and vena cava, vertebrae and ribs, back muscles, lung bases).
+
+    Layouts (items of ``dataset.json``, relative to ``output_dir``, in MONAI's ``{"image", "label"}`` form):
+
+    * ``"nifti"``: ``imagesTr/abdomen_XX.nii.gz`` (HU, int16) and ``labelsTr/abdomen_XX.nii.gz`` (uint8), same affine.
+    * ``"dicom"``: ``CTORGAN-XX/ct/`` a CT series (int16 stored as uint16, RescaleIntercept -1024) holding
+      ``seg.dcm``, a DICOM SEG of the label map named by :data:`CT_ORGAN_LABELS` (one segment per organ).
+
+    Args:
+        output_dir: the data set folder.
+        num_volumes: number of variants.
+        seed: random seed of the variations.
+        layout: ``"nifti"`` or ``"dicom"``.
+        noise_hu: standard deviation of the added noise, HU.
+
+    Returns:
+        The written ``dataset.json``.
+    """
+    import json
+
+    from meddiff.data.dicom_seg_writer import write_dicom_seg
+
+    if layout not in ("nifti", "dicom"):
+        raise ValueError(f"layout must be 'nifti' or 'dicom', got {layout!r}")
+    ct_path, labels_path = ct_abdomen_paths()
+    src = nib.load(ct_path)
+    ct = np.asarray(src.dataobj, dtype=np.float32)
+    organs = ct_organ_labels(np.asarray(nib.load(labels_path).dataobj), ct)
+    affine = torch.as_tensor(src.affine, dtype=torch.float64)
+    image = MetaTensor(torch.as_tensor(ct - AIR_HU)[None], affine=affine)
+    labels = MetaTensor(torch.as_tensor(organs, dtype=torch.float32)[None], affine=affine)
+    names = {name: int(v) for v, name in CT_ORGAN_LABELS.items() if int(v)}
+    rng = np.random.default_rng(seed)
+    out = Path(output_dir)
+    items = []
+    for i in range(num_volumes):
+        state = rng.bit_generator.state
+        moved = np.asarray(_rigid_transform(rng)(image.clone())[0]) + AIR_HU
+        rng.bit_generator.state = state  # the label map gets the same motion
+        label = np.rint(np.asarray(_rigid_transform(rng, mode="nearest")(labels.clone())[0])).astype(np.uint8)
+        volume = np.clip(np.rint(moved + rng.normal(0.0, noise_hu, moved.shape)), -1024, 3071)
+        if layout == "nifti":
+            name = f"abdomen_{i:02d}.nii.gz"
+            save_nifti(volume, src.affine, out / "imagesTr" / name, dtype=np.int16)
+            save_nifti(label, src.affine, out / "labelsTr" / name, dtype=np.uint8)
+            items.append({"image": f"imagesTr/{name}", "label": f"labelsTr/{name}"})
+        else:
+            patient_id = f"CTORGAN-{i:02d}"
+            series = write_dicom_series(
+                volume, src.affine, out / patient_id / "ct", modality="CT", patient_id=patient_id,
+                patient_name=f"DEMO^ORGAN{i:02d}", series_description="ABDOMEN CT (demo, TotalSegmentator example)",
+                rescale_intercept=-1024.0, dtype=np.uint16, extra={"KVP": "120"})[0].parent
+            write_dicom_seg(series, label, names, series / "seg.dcm", affine=src.affine,
+                            series_description="DEMO organ labels of a SYNTHETIC variant of a real CT")
+            items.append({"image": f"{patient_id}/ct", "label": f"{patient_id}/ct/seg.dcm"})
+    dataset = {"name": "meddiff abdominal CT organ demo", "labels": CT_ORGAN_LABELS, "numTraining": len(items),
+               "training": items}
+    target = out / "dataset.json"
+    atomic_write_text(target, json.dumps(dataset, indent=4) + "\n")
+    logger.info("wrote %d abdominal CT variants with organ label maps (%s layout) and %s", len(items), layout, target)
+    return target
