@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
 from torch import nn
 from tqdm import tqdm
@@ -99,7 +101,8 @@ class ControlNetSampler(LatentDiffusionSampler):
     beside it, ``<case>_<k>_label.nii.gz`` (the label map as used) with the identical affine, a PNG mosaic,
     ``samples.json`` (per volume: mask file and SHA-256, seed, augmentation, file hashes; the run's weight hashes
     and ``conditioning_scale``) and ``dataset.json`` listing the pairs in MONAI's convention (``image`` +
-    ``label``), ready to train a segmentation model on. ``extra_writers`` run after the label map is written, so
+    ``label``; ``labels`` named by ``mask_label_names`` where given), ready to train a segmentation model on. With
+    ``distributed`` (torchrun), the batches are shared out over the ranks (see :meth:`run`). ``extra_writers`` run after the label map is written, so
     :class:`~meddiff.sampling.DicomSegOutput` finds it (a DICOM SEG beside the synthetic DICOM series).
 
     Args:
@@ -116,7 +119,7 @@ class ControlNetSampler(LatentDiffusionSampler):
             ``seed`` is the base seed).
 
     Raises:
-        ValueError: a class-conditioned denoiser, ``distributed``, bad counts, or a ControlNet trained on
+        ValueError: a class-conditioned denoiser, bad counts, or a ControlNet trained on
             another denoiser (its ``scale_factor`` differs from ``latent_info``'s).
         FileNotFoundError: ``mask_dir`` or ``controlnet_info`` missing.
     """
@@ -149,8 +152,6 @@ class ControlNetSampler(LatentDiffusionSampler):
         if self.condition_on_spacing:
             raise ValueError("mask-conditioned sampling supports denoisers without spacing conditioning only "
                              "(condition_on_spacing=false).")
-        if self.distributed:
-            raise ValueError("mask-conditioned sampling runs in one process: set distributed to false.")
         trained_scale = info.get("scale_factor")
         if trained_scale is not None and abs(float(trained_scale) - self.scale_factor) > 1e-6 * abs(self.scale_factor):
             raise ValueError(f"the ControlNet was trained on a denoiser with scale_factor {float(trained_scale):.6f} "
@@ -250,66 +251,104 @@ class ControlNetSampler(LatentDiffusionSampler):
                 "image_size": self.image_size}
 
     def _earlier(self, provenance: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-        """Records of an earlier run with the same settings, by image file name."""
-        path = self.output_dir / "samples.json"
-        if not self.resume or not path.is_file():
+        """Records of earlier runs with the same settings (``samples.json`` and ranks' part files), by image file."""
+        if not self.resume:
             return {}
-        return {r["file"]: r for manifest in self._matching_manifests(provenance, [path])
+        return {r["file"]: r for manifest in self._matching_manifests(provenance, self._manifests())
                 for r in manifest.get("samples", []) if isinstance(r, dict) and "file" in r}
+
+    def _dataset_labels(self) -> dict[str, str]:
+        """``dataset.json``'s ``labels``: ``mask_label_names`` where given, else ``class_<value>``."""
+        names = {int(v): str(k) for k, v in (self.mask_label_names or {}).items() if str(v).lstrip("-").isdigit()}
+        return {str(i): names.get(i, "background" if i == 0 else f"class_{i}") for i in range(self.num_label_classes)}
 
     def run(self) -> list[Path]:
         """Sample ``num_samples_per_mask`` volumes per label map and write them with their maps; see the class.
 
+        Each mask's volumes are sampled in batches of ``sample_batch_size``. With ``distributed``, rank ``r`` of
+        ``W`` takes batches ``r, r + W, ...`` (over all masks) and writes only their files, recording their
+        hashes in a part file ``samples.part-rank<r>-*.json`` after each batch; rank 0 then writes ``samples.json``
+        and ``dataset.json`` for all ranks and removes the part files. A batch is the same whichever rank samples
+        it, so the files are byte-identical to a one-process run's. With ``resume``, volumes an earlier run with
+        the same settings recorded, whose files still match their hashes, are kept.
+
         Returns:
-            The image NIfTI paths.
+            The image NIfTI paths of this rank's volumes (all of them in a one-process run).
         """
         if self.output_dir is None or self.spacing is None:
             raise ValueError("run() writes files: give output_dir and spacing.")
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
         provenance = self._provenance()
         earlier = self._earlier(provenance)
-        records: list[dict[str, Any]] = []
-        bar = tqdm(total=self.num_samples, desc="sampling", disable=not self.progress, dynamic_ncols=True)
         n = self.num_samples_per_mask
-        for j, mask_path in enumerate(self.masks):
-            mask, mask_meta = self.load_mask_source(mask_path)
+        chunks = [(j, list(range(start, min(start + self.sample_batch_size, n))))
+                  for j in range(len(self.masks)) for start in range(0, n, self.sample_batch_size)]
+        mine = chunks[rank::world]
+        tag = f"rank {rank}/{world}: " if world > 1 else ""
+        part = self.output_dir / f"samples.part-rank{rank}-pid{os.getpid()}.json"
+        records: dict[tuple[int, int], dict[str, Any]] = {}
+        written: list[Path] = []
+        generated = 0
+        loaded: tuple[int, torch.Tensor, dict[str, Any]] | None = None
+        bar = tqdm(total=sum(len(ks) for _, ks in mine), desc=f"{tag}sampling", disable=not self.progress,
+                   dynamic_ncols=True, position=int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else None)
+        for j, part_ks in mine:
+            mask_path = self.masks[j]
+            if loaded is None or loaded[0] != j:
+                loaded = (j, *self.load_mask_source(mask_path))
+            _, mask, mask_meta = loaded
             mask_hash = mask_meta["sha256"]  # of the label file (the SEG or RTSTRUCT of a folder source)
             affine = np.asarray(torch.as_tensor(mask.affine).double().cpu())  # the grid of image and label
             case = mask_case_name(mask_path, self.mask_dir)
-            seeds = self.seeds[j * n:(j + 1) * n]
-            stems = [f"{case}_{k:03d}" for k in range(n)]
-            for start in range(0, n, self.sample_batch_size):
-                part = list(range(start, min(start + self.sample_batch_size, n)))
-                kept = [earlier.get(f"{stems[k]}_image.nii.gz") for k in part]
-                if all(r is not None and r.get("seed") == seeds[k] and self._verified(r) for r, k in zip(kept, part)):
-                    records.extend(kept)
-                    bar.update(len(part))
-                    continue
-                labels = [self.augment(mask, seeds[k]) for k in part]
-                tic = time.perf_counter()
-                volumes = self.generate_for_masks(labels, [seeds[k] for k in part])
-                seconds = (time.perf_counter() - tic) / len(part)
-                for k, label, volume in zip(part, labels, volumes):
-                    files = self._write_pair(stems[k], volume, label, affine, seeds[k], mask_hash)
-                    records.append({"file": files[0].name, "label_file": files[1].name, "seed": seeds[k],
-                                    "mask": str(mask_path), "mask_sha256": mask_hash,
-                                    "mask_kind": mask_meta["kind"], "mask_label_file": mask_meta["label_file"],
-                                    "mask_augmentation": self.augment.describe(), "seconds": round(seconds, 2),
-                                    "sha256": {self._relative(f): file_sha256(f) for f in files}})
-                    bar.update(1)
+            seeds = {k: self.seeds[j * n + k] for k in part_ks}
+            stems = {k: f"{case}_{k:03d}" for k in part_ks}
+            kept = {k: earlier.get(f"{stems[k]}_image.nii.gz") for k in part_ks}
+            if all(r is not None and r.get("seed") == seeds[k] and self._verified(r) for k, r in kept.items()):
+                records.update({(j, k): r for k, r in kept.items()})
+                written.extend(self.output_dir / r["file"] for r in kept.values())
+                bar.update(len(part_ks))
+                continue
+            labels = [self.augment(mask, seeds[k]) for k in part_ks]  # the whole batch: same bytes as before
+            tic = time.perf_counter()
+            volumes = self.generate_for_masks(labels, [seeds[k] for k in part_ks])
+            seconds = (time.perf_counter() - tic) / len(part_ks)
+            for k, label, volume in zip(part_ks, labels, volumes):
+                files = self._write_pair(stems[k], volume, label, affine, seeds[k], mask_hash)
+                records[(j, k)] = {"file": files[0].name, "label_file": files[1].name, "seed": seeds[k],
+                                   "mask": str(mask_path), "mask_sha256": mask_hash, "mask_kind": mask_meta["kind"],
+                                   "mask_label_file": mask_meta["label_file"],
+                                   "mask_augmentation": self.augment.describe(), "seconds": round(seconds, 2),
+                                   "sha256": {self._relative(f): file_sha256(f) for f in files}}
+                written.append(files[0])
+                generated += 1
+                bar.update(1)
+            atomic_write_json(part, {**provenance, "samples": [records[key] for key in sorted(records)]})
         bar.close()
-        atomic_write_json(self.output_dir / "samples.json",
-                          {**provenance, "samples": records, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        atomic_write_json(self.output_dir / "dataset.json", {
-            "name": "synthetic image + label pairs (meddiff ControlNet)",
-            "description": "Synthetic images generated by a diffusion model from label maps; not for diagnosis.",
-            "labels": {str(i): f"class_{i}" for i in range(self.num_label_classes)},
-            "numTraining": len(records),
-            "training": [{"image": r["file"], "label": r["label_file"]} for r in records],
-        })
-        logger.info("%d mask-conditioned samples for %d label maps in %s", len(records), len(self.masks),
-                    self.output_dir)
-        return [self.output_dir / r["file"] for r in records]
+        logger.info("%s%d mask-conditioned samples written, %d kept from an earlier run, in %s", tag, generated,
+                    sum(len(ks) for _, ks in mine) - generated, self.output_dir)
+        if self.distributed:
+            gathered: list[dict[tuple[int, int], dict[str, Any]] | None] = [None] * world
+            dist.all_gather_object(gathered, records)
+            records = {key: r for rank_records in gathered for key, r in rank_records.items()}
+        if rank == 0:
+            ordered = [records[key] for key in sorted(records)]
+            atomic_write_json(self.output_dir / "samples.json",
+                              {**provenance, "samples": ordered, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            atomic_write_json(self.output_dir / "dataset.json", {
+                "name": "synthetic image + label pairs (meddiff ControlNet)",
+                "description": "Synthetic images generated by a diffusion model from label maps; not for diagnosis.",
+                "labels": self._dataset_labels(),
+                "numTraining": len(ordered),
+                "training": [{"image": r["file"], "label": r["label_file"]} for r in ordered],
+            })
+            for path in self.output_dir.glob("samples.part-rank*.json"):
+                path.unlink(missing_ok=True)
+            logger.info("%d mask-conditioned samples for %d label maps in %s", len(ordered), len(self.masks),
+                        self.output_dir)
+        if self.distributed:
+            dist.barrier()  # samples.json and dataset.json exist on return, on every rank
+        return written
 
     def _write_pair(self, stem: str, volume: torch.Tensor, label: torch.Tensor, affine: np.ndarray, seed: int,
                     mask_hash: str) -> list[Path]:
