@@ -25,6 +25,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from ..utils.config import as_bool
+from .class_labels import CLASS_KEY
 from .errors import DataError
 from .readers import LoadVolume
 
@@ -94,7 +95,8 @@ def load_labelled_datalist(
         require_split: the split that must be present and non-empty (``"test"`` for evaluation).
 
     Returns:
-        ``{"training": [...], "validation": [...], "test": [...]}``, items ``{"image": ..., "label": ...}``.
+        ``{"training": [...], "validation": [...], "test": [...]}``, items ``{"image": ..., "label": ...}`` (plus
+        the item's ``class_label`` when it has one).
 
     Raises:
         DataError: the file is missing or not a datalist, an item lacks a key, or a listed file is missing.
@@ -124,6 +126,8 @@ def load_labelled_datalist(
             for k, v in resolved.items():
                 if not Path(v).exists():
                     raise DataError(v, f"listed as {key}[{i}]['{k}'] in {path} but does not exist")
+            if item.get(CLASS_KEY) is not None:  # the class of class + mask conditioning (ControlNet stage)
+                resolved[CLASS_KEY] = str(item[CLASS_KEY])
             out.append(resolved)
         return out
 

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,14 +96,23 @@ class ControlNetSampler(LatentDiffusionSampler):
     ``ControlNetDiffusionInferer`` does); the conditioning encoder of a ``Pseudo3DControlNet`` runs once per batch.
     Any sampling method of :class:`LatentDiffusionSampler` works.
 
+    Class + mask conditioning: with a class-conditioned denoiser (``num_classes`` in ``latent_info``; the ControlNet
+    trained on it with the same classes, see ``controlnet_info``) every volume gets its class from ``class_label``
+    (a name, or a list cycled over the volumes in seed order, as :class:`LatentDiffusionSampler`), the class labels
+    go to both the ControlNet and the denoiser, and classifier-free guidance (``guidance_scale``,
+    ``guidance_interval``, ``guidance_rescale``) runs as in the unconditioned sampler, both halves of the guided
+    batch steered by the same label map. :meth:`class_record` / :meth:`class_description` give a volume's class
+    for ``samples.json`` and the NIfTI description.
+
     :meth:`run` writes, in ``output_dir``, for sample ``k`` of mask ``<case>`` (the source's path below ``mask_dir``,
     :func:`~meddiff.data.masks.mask_case_name`): ``<case>_<k>_image.nii.gz`` and,
     beside it, ``<case>_<k>_label.nii.gz`` (the label map as used) with the identical affine, a PNG mosaic,
     ``samples.json`` (per volume: mask file and SHA-256, seed, augmentation, file hashes; the run's weight hashes
     and ``conditioning_scale``) and ``dataset.json`` listing the pairs in MONAI's convention (``image`` +
     ``label``; ``labels`` named by ``mask_label_names`` where given), ready to train a segmentation model on. With
-    ``distributed`` (torchrun), the batches are shared out over the ranks (see :meth:`run`). ``extra_writers`` run after the label map is written, so
-    :class:`~meddiff.sampling.DicomSegOutput` finds it (a DICOM SEG beside the synthetic DICOM series).
+    ``distributed`` (torchrun), the batches are shared out over the ranks (see :meth:`run`). ``extra_writers`` run
+    after the label map is written, so :class:`~meddiff.sampling.DicomSegOutput` finds it (a DICOM SEG beside the
+    synthetic DICOM series).
 
     Args:
         controlnet: trained ControlNet (``meddiff.networks.Pseudo3DControlNet`` or MONAI ``ControlNet``).
@@ -119,7 +128,7 @@ class ControlNetSampler(LatentDiffusionSampler):
             ``seed`` is the base seed).
 
     Raises:
-        ValueError: a class-conditioned denoiser, bad counts, or a ControlNet trained on
+        ValueError: a ControlNet trained on other classes than ``latent_info``'s, bad counts, or a ControlNet trained on
             another denoiser (its ``scale_factor`` differs from ``latent_info``'s).
         FileNotFoundError: ``mask_dir`` or ``controlnet_info`` missing.
     """
@@ -147,8 +156,7 @@ class ControlNetSampler(LatentDiffusionSampler):
         kwargs.pop("seeds", None)
         total = len(self.masks) * self.num_samples_per_mask
         super().__init__(num_samples=total, seeds=list(range(base, base + total)), seed=base, **kwargs)
-        if self.num_classes:
-            raise ValueError("mask-conditioned sampling supports unconditional denoisers only (num_classes=0).")
+        self._check_classes(controlnet, info)
         if self.condition_on_spacing:
             raise ValueError("mask-conditioned sampling supports denoisers without spacing conditioning only "
                              "(condition_on_spacing=false).")
@@ -200,32 +208,77 @@ class ControlNetSampler(LatentDiffusionSampler):
         one_hot_labels(label, self.num_label_classes, f"label map {meta['label_file']}")
         return label, meta
 
+    def _check_classes(self, controlnet: nn.Module, info: Mapping[str, Any]) -> None:
+        """The ControlNet must have been trained on this denoiser's classes and embed them.
+
+        Raises:
+            ValueError: ``num_classes``/``class_names`` of ``controlnet_info`` differ from ``latent_info``'s, or the
+                ControlNet's class embedding does not fit ``num_classes``.
+        """
+        trained = info.get("num_classes")
+        if trained is not None and (int(trained) != self.num_classes or
+                                    [str(c) for c in info.get("class_names", [])] != self.class_names):
+            raise ValueError(f"the ControlNet was trained on a denoiser with num_classes={int(trained)} "
+                             f"{list(info.get('class_names', []))} (controlnet_info) but latent_info_file has "
+                             f"num_classes={self.num_classes} {self.class_names}: use the denoiser it was trained on.")
+        embeds = self.num_classes + 1 if self.num_classes else None
+        if (getattr(controlnet, "num_class_embeds", None) or None) != embeds:
+            raise ValueError(f"num_classes={self.num_classes} (latent_info_file) needs a controlnet_def with "
+                             f"num_class_embeds={embeds}, got {getattr(controlnet, 'num_class_embeds', None)}.")
+
     def _predict(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guided: bool) -> torch.Tensor:
-        """The denoiser's prediction with the ControlNet's residuals times ``conditioning_scale``."""
+        """:meth:`LatentDiffusionSampler._predict` (class labels, classifier-free guidance) with the denoiser of
+        :meth:`_denoiser`: the ControlNet's residuals of the current label maps go into every pass."""
         if self._cond is None:
             raise ValueError("no condition set: sample through run() or generate_for_masks().")
         if self._cond_embedding is None and hasattr(self.controlnet, "embed_condition"):
             self._cond_embedding = self.controlnet.embed_condition(self._cond)
-        if self._cond_embedding is not None:
-            down, mid = self.controlnet(x, timesteps=t, condition_embedding=self._cond_embedding)
-        else:
-            down, mid = self.controlnet(x=x, timesteps=t, controlnet_cond=self._cond)
-        scale = self.conditioning_scale
-        if scale != 1.0:
-            down, mid = [r * scale for r in down], mid * scale
-        return self.network(x, timesteps=t, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        return super()._predict(x, t, labels, guided)
+
+    def _denoiser(self) -> Callable[..., torch.Tensor]:
+        """The denoiser steered by the ControlNet (residuals times ``conditioning_scale``), called as the
+        unconditioned sampler calls its network; the class labels go to both networks. Under classifier-free
+        guidance the batch is doubled (conditional, then unconditional half): both halves get the residuals of the
+        same label maps (the condition, or its embedding, is repeated)."""
+        cond, embedding = self._cond, self._cond_embedding
+
+        def steered(x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None,
+                    **kwargs: Any) -> torch.Tensor:
+            repeats = x.shape[0] // cond.shape[0]
+            if repeats * cond.shape[0] != x.shape[0]:
+                raise ValueError(f"a batch of {x.shape[0]} latents for {cond.shape[0]} label maps.")
+            classes = {} if class_labels is None else {"class_labels": class_labels}
+            if embedding is not None:
+                down, mid = self.controlnet(x, timesteps=timesteps,
+                                            condition_embedding=torch.cat([embedding] * repeats), **classes)
+            else:
+                down, mid = self.controlnet(x=x, timesteps=timesteps, controlnet_cond=torch.cat([cond] * repeats),
+                                            **classes)
+            scale = self.conditioning_scale
+            if scale != 1.0:
+                down, mid = [r * scale for r in down], mid * scale
+            return self.network(x, timesteps=timesteps, down_block_additional_residuals=down,
+                                mid_block_additional_residual=mid, **classes, **kwargs)
+
+        return steered
 
     @torch.no_grad()
-    def generate_for_masks(self, labels: list[torch.Tensor], seeds: list[int]) -> torch.Tensor:
+    def generate_for_masks(self, labels: list[torch.Tensor], seeds: list[int],
+                           class_labels: Sequence[str | None] | None = None) -> torch.Tensor:
         """Sample and decode one volume per (label map, seed), ``sample_batch_size`` at a time.
 
         Args:
             labels: label maps ``(1, H, W, D)`` on the model's grid (after augmentation).
             seeds: one seed per map.
+            class_labels: with class-conditioned weights, one class name (``None``: the null class) per map;
+                default: the ``class_label`` of the volume with that seed (:meth:`classes_of`).
 
         Returns:
             Images ``(N, 1, H, W, D)`` in [-1, 1], float32, on CPU.
         """
+        classes = self.classes_of(seeds) if class_labels is None else list(class_labels)
+        if len(classes) != len(seeds):
+            raise ValueError(f"class_labels must have one entry per seed: {len(classes)} != {len(seeds)}.")
         out = []
         size = self.sample_batch_size
         for i in range(0, len(seeds), size):
@@ -233,11 +286,21 @@ class ControlNetSampler(LatentDiffusionSampler):
                                 for lab in labels[i:i + size]]).to(self.device)
             self._cond, self._cond_embedding = cond, None
             try:
-                latents = self._sample_chunk(seeds[i:i + size], [None] * len(seeds[i:i + size]))
+                latents = self._sample_chunk(seeds[i:i + size], classes[i:i + size])
             finally:
                 self._cond, self._cond_embedding = None, None
             out.append(self.decode(latents).cpu())
         return torch.cat(out)
+
+    def class_record(self, seed: int) -> dict[str, Any]:
+        """``samples.json`` items of the volume with ``seed``: ``{"class_label": <name or None>}`` with
+        class-conditioned weights, else none."""
+        return {"class_label": self.classes_of([seed])[0]} if self.num_classes else {}
+
+    def class_description(self, seed: int) -> dict[str, Any]:
+        """NIfTI description items of the volume with ``seed``'s class (``class=<name> g=<guidance_scale>``, see
+        :meth:`LatentDiffusionSampler._class_fields`); none for unconditional weights."""
+        return self._class_fields(self.seeds.index(int(seed))) if self.num_classes else {}
 
     # -- files ---------------------------------------------------------------------------------
     def nifti_description(self, seed: int, **extra: Any) -> str:
@@ -319,7 +382,8 @@ class ControlNetSampler(LatentDiffusionSampler):
                                    "mask": str(mask_path), "mask_sha256": mask_hash, "mask_kind": mask_meta["kind"],
                                    "mask_label_file": mask_meta["label_file"],
                                    "mask_augmentation": self.augment.describe(), "seconds": round(seconds, 2),
-                                   "sha256": {self._relative(f): file_sha256(f) for f in files}}
+                                   "sha256": {self._relative(f): file_sha256(f) for f in files},
+                                   **self.class_record(seeds[k])}
                 written.append(files[0])
                 generated += 1
                 bar.update(1)
@@ -340,7 +404,8 @@ class ControlNetSampler(LatentDiffusionSampler):
                 "description": "Synthetic images generated by a diffusion model from label maps; not for diagnosis.",
                 "labels": self._dataset_labels(),
                 "numTraining": len(ordered),
-                "training": [{"image": r["file"], "label": r["label_file"]} for r in ordered],
+                "training": [{"image": r["file"], "label": r["label_file"],
+                              **({"class_label": r["class_label"]} if "class_label" in r else {})} for r in ordered],
             })
             for path in self.output_dir.glob("samples.part-rank*.json"):
                 path.unlink(missing_ok=True)
@@ -356,13 +421,13 @@ class ControlNetSampler(LatentDiffusionSampler):
         if self.intensity_range is not None:
             volume = scale_from_unit_range(volume, *self.intensity_range)
         base = self.output_dir / stem
-        extra = {"mask": mask_hash[:8]}
+        extra = {**self.class_description(seed), "mask": mask_hash[:8]}  # class first: descrip holds 80 chars
         if self.augment.mode != "off":
             extra["aug"] = self.augment.mode
         image = save_nifti(volume, affine, base.with_name(f"{stem}_image.nii.gz"), dtype=self.output_dtype,
                            description=self.nifti_description(seed, **extra))
-        label_file = save_nifti(torch.as_tensor(label).as_subclass(torch.Tensor), affine, base.with_name(f"{stem}_label.nii.gz"),
-                                dtype=np.uint8)
+        label_file = save_nifti(torch.as_tensor(label).as_subclass(torch.Tensor), affine,
+                                base.with_name(f"{stem}_label.nii.gz"), dtype=np.uint8)
         # after the label file: DicomSegOutput reads it
         files = [image, label_file, *self._write_mosaics_and_extras(volume, affine, base.with_name(f"{stem}_image"))]
         logger.info("wrote %s", image)

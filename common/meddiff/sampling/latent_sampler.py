@@ -481,9 +481,15 @@ class LatentDiffusionSampler:
         index = {name: i for i, name in enumerate(self.class_names)}
         return torch.tensor([self.num_classes if c is None else index[c] for c in classes], device=self.device)
 
+    def _denoiser(self) -> Callable[..., torch.Tensor]:
+        """The denoiser :meth:`_predict` calls, as ``network(x, timesteps=, class_labels=)`` (``class_labels`` only
+        with class-conditioned weights; the guided batch is doubled: conditional, then unconditional half).
+        Subclasses that steer the denoiser (the ControlNet sampler) override it."""
+        return self.network
+
     def _predict(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guided: bool) -> torch.Tensor:
         """The denoiser's prediction, with classifier-free guidance when ``guided`` (and the sample spacing)."""
-        network = self.network
+        network = self._denoiser()
         if self.sample_spacing is not None:  # one (1, 3) spacing, broadcast over the (guided: doubled) batch
             network = functools.partial(network, spacing=torch.tensor([self.sample_spacing], device=x.device))
         if labels is None:
