@@ -13,6 +13,7 @@ from monai.data import MetaTensor, NibabelReader
 from monai.transforms import LoadImage
 from PIL import Image
 
+from meddiff.data import write_dicom_series
 from meddiff.data import writers as writers_mod
 from meddiff.data.writers import (
     LABEL_COLOURS,
@@ -23,7 +24,7 @@ from meddiff.data.writers import (
 )
 from meddiff.reader_study.build import find_volumes
 from meddiff.utils import atomic as atomic_mod
-from meddiff.utils import atomic_torch_save, atomic_write_json, is_temporary
+from meddiff.utils import atomic_torch_save, atomic_write_json, default_mode, is_temporary
 
 
 def _load(path: Path) -> MetaTensor:
@@ -194,3 +195,21 @@ def test_overlay_mosaic_colours_the_labels_on_the_image_layout(tmp_path: Path) -
         save_overlay_mosaic_png(volume, label[:4], tmp_path / "x.png")
     with pytest.raises(ValueError, match="alpha"):
         save_overlay_mosaic_png(volume, label, tmp_path / "x.png", alpha=2.0)
+
+
+def test_outputs_get_the_permissions_of_a_plain_write(tmp_path: Path) -> None:
+    """Atomic writes rename owner-only temporaries: the outputs must still be readable as a plain write's are."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    expected = plain.stat().st_mode & 0o777  # 0o666 less this process's umask
+    assert expected == default_mode()
+    files = [atomic_write_json(tmp_path / "samples.json", {}), atomic_torch_save({"step": 1}, tmp_path / "model.pt"),
+             save_nifti(np.zeros((3, 3, 3)), np.eye(4), tmp_path / "sample.nii.gz"),
+             save_mosaic_png(np.zeros((3, 3, 3)), tmp_path / "sample.png")]
+    series = write_dicom_series(np.zeros((4, 4, 2), np.float32), np.eye(4), tmp_path / "series", modality="CT")
+    for path in files + series:
+        assert path.stat().st_mode & 0o777 == expected, path
+    assert (tmp_path / "series").stat().st_mode & 0o777 == default_mode(directory=True)
+    (tmp_path / "samples.json").chmod(0o640)  # a file that is replaced keeps its permissions
+    atomic_write_json(tmp_path / "samples.json", {"samples": []})
+    assert (tmp_path / "samples.json").stat().st_mode & 0o777 == 0o640

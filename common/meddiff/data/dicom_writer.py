@@ -30,6 +30,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
+from ..utils.atomic import default_mode
 from .errors import DataError
 
 __all__ = ["write_dicom_series", "SOP_CLASS_UIDS"]
@@ -243,6 +244,7 @@ def write_dicom_series(
         _check_destination(folder)  # again: something may have appeared meanwhile
         if folder.exists():
             folder.rmdir()  # an empty folder; os.replace below puts the series in its place
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp's folder is owner-only
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

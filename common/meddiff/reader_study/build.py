@@ -34,7 +34,7 @@ import nibabel as nib
 import numpy as np
 
 from ..data.errors import DataError
-from ..utils import is_temporary
+from ..utils import default_mode, is_temporary
 
 __all__ = [
     "DEFAULT_QUESTIONS",
@@ -459,6 +459,7 @@ def build_study(
         (tmp / KEY_FILE).write_text(json.dumps(private, indent=1) + "\n")
         if out_path.exists():
             out_path.rmdir()
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp's folder is owner-only
         os.replace(tmp, out_path)
     finally:
         if tmp.exists():

@@ -13,12 +13,36 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_path", "atomic_write_json", "atomic_torch_save", "atomic_write_text", "is_temporary"]
+__all__ = ["atomic_path", "atomic_write_json", "atomic_torch_save", "atomic_write_text", "default_mode", "is_temporary"]
+
+#: the process umask, read once (``os.umask`` can only be read by setting it)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permissions ``open`` (``0o666``) or ``mkdir`` (``0o777``) would give, less the umask.
+
+    ``mkstemp``/``mkdtemp`` make owner-only temporaries; renamed as they are, outputs on shared storage would be
+    hidden from the rest of the team (and from a MONAI Label server running as another user). Writers chmod a
+    temporary to this before renaming it onto its final name.
+    """
+    return (0o777 if directory else 0o666) & ~_UMASK
+
+
+def _final_mode(dest: Path) -> int:
+    """Permissions of the file written onto ``dest``: those of the file it replaces, else :func:`default_mode`."""
+    try:
+        return dest.stat().st_mode & 0o7777
+    except OSError:
+        return default_mode()
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The file gets the permissions of the file it replaces, or the usual ``0o666`` less the umask for a new one.
 
     Args:
         path: final destination.
@@ -37,6 +61,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, _final_mode(dest))
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():
