@@ -17,9 +17,9 @@ from meddiff.schedulers import make_sampling_scheduler
 from tests.sampling.test_latent_sampler import T, _autoencoder, _denoiser, _info
 
 
-def _controlnet(zero: bool = True) -> Pseudo3DControlNet:
+def _controlnet(zero: bool = True, denoiser: torch.nn.Module | None = None) -> Pseudo3DControlNet:
     torch.manual_seed(2)
-    net = Pseudo3DControlNet.from_unet(_denoiser(), conditioning_in_channels=3, conditioning_downsample=2)
+    net = Pseudo3DControlNet.from_unet(denoiser or _denoiser(), conditioning_in_channels=3, conditioning_downsample=2)
     if not zero:
         with torch.no_grad():
             for p in net.parameters():
@@ -129,13 +129,7 @@ def _class_samplers(mask_dir, class_label, zero: bool = True, batch: int = 2, me
               "guidance_interval": [0.5, 1.0], "guidance_rescale": 0.3, "sample_batch_size": batch}
     bare = LatentDiffusionSampler(_autoencoder(), _class_denoiser(),
                                   make_sampling_scheduler(method, T, "cosine", "epsilon"), **common)
-    torch.manual_seed(2)
-    net = Pseudo3DControlNet.from_unet(_class_denoiser(), conditioning_in_channels=3, conditioning_downsample=2)
-    if not zero:
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    cond = ControlNetSampler(net, mask_dir, {"num_label_classes": 3, "scale_factor": 0.5, **CLASS_INFO},
+    cond = ControlNetSampler(_controlnet(zero, _class_denoiser()), mask_dir, {"num_label_classes": 3, "scale_factor": 0.5, **CLASS_INFO},
                              num_samples_per_mask=2, autoencoder=_autoencoder(), diffusion_model=_class_denoiser(),
                              scheduler=make_sampling_scheduler(method, T, "cosine", "epsilon"), **common)
     return bare, cond
