@@ -14,6 +14,7 @@ import pytest
 from meddiff.cli.main import main
 from meddiff.data.errors import DataError
 from meddiff.reader_study import build_study, load_key, load_public_study
+from meddiff.utils import default_mode
 from tests.reader_study.helpers import make_folders, write_volume
 
 
@@ -33,6 +34,9 @@ def test_blinded_balanced_and_seeded(tmp_path: Path) -> None:
     assert sorted(truths) == ["real"] * 3 + ["synthetic"] * 3
     assert sorted(public["cases"]) == sorted(key["cases"]) and len(set(public["cases"])) == 6
     assert not (study / "viewer" / "key.json").exists() and (study / "key.json").is_file()
+    # the study folder is shared as a plain folder would be; the key is its owner's alone
+    assert (study / "key.json").stat().st_mode & 0o777 == 0o600
+    assert study.stat().st_mode & 0o777 == default_mode(directory=True)
     served = b"".join(p.read_bytes() for p in (study / "viewer").rglob("*.json"))
     for word in (b"synthetic", b"patient_", b"sample_", str(tmp_path).encode()):
         assert word not in served, word

@@ -457,6 +457,7 @@ def build_study(
                           "volume's minimum. Originals untouched; resampled real volumes in matched/."}
         private["cases"] = key
         (tmp / KEY_FILE).write_text(json.dumps(private, indent=1) + "\n")
+        (tmp / KEY_FILE).chmod(0o600)  # the study folder is shared; the answers stay with its owner
         if out_path.exists():
             out_path.rmdir()
         os.chmod(tmp, default_mode(directory=True))  # mkdtemp's folder is owner-only
