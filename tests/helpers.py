@@ -48,6 +48,11 @@ def cli_value(value: str) -> Any:
 TINY_VALUES: dict[str, Any] = {k: cli_value(v) for k, v in TINY_OVERRIDES.items()}
 
 
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks."""
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
 def blob_volume(shape: tuple[int, int, int] = (20, 18, 14), seed: int = 0) -> np.ndarray:
     """A smooth positive 'anatomy': a few Gaussian blobs on a dim ellipsoid, float32."""
     rng = np.random.default_rng(seed)

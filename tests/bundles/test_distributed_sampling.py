@@ -50,8 +50,8 @@ def _write_weights(ckpt_dir: Path) -> None:
     torch.save(unet.state_dict(), ckpt_dir / "diffusion_model.pt")
 
 
-def _files(folder: Path) -> dict[str, tuple[int, bytes]]:
-    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.glob("sample_*"))}
+def _files(folder: Path, pattern: str = "sample_*") -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.glob(pattern))}
 
 
 def test_two_ranks_write_the_bytes_of_one_process_and_resume(tmp_path):
@@ -138,7 +138,7 @@ def test_two_ranks_share_mask_conditioned_sampling_and_resume(tmp_path):
     names = [f"case{i}_{k:03d}_{kind}.nii.gz" for i in range(3) for k in range(2) for kind in ("image", "label")]
     for name in names:
         assert log.count(f"wrote {two / name}") == (name.endswith("_image.nii.gz"))
-    expected, written = _pairs(one), _pairs(two)
+    expected, written = _files(one, "case*"), _files(two, "case*")
     assert sorted(expected) == sorted(names + [n.replace(".nii.gz", ".png") for n in names if "_image" in n])
     assert expected["case0_000_image.nii.gz"][1] != expected["case0_001_image.nii.gz"][1]  # seeds differ
     assert expected["case0_000_image.nii.gz"][1] != expected["case1_000_image.nii.gz"][1]  # masks differ
@@ -157,11 +157,7 @@ def test_two_ranks_share_mask_conditioned_sampling_and_resume(tmp_path):
     log = proc.stdout + proc.stderr
     assert "rank 0/2: 0 mask-conditioned samples written, 3 kept" in log, log[-3000:]
     assert "rank 1/2: 1 mask-conditioned samples written, 2 kept" in log, log[-3000:]
-    again = _pairs(two)
+    again = _files(two, "case*")
     assert {n: b for n, (_, b) in again.items()} == {n: b for n, (_, b) in expected.items()}
     assert {n for n in again if again[n][0] != written[n][0]} == {
         "case2_001_image.nii.gz", "case2_001_image.png", "case2_001_label.nii.gz"}
-
-
-def _pairs(folder: Path) -> dict[str, tuple[int, bytes]]:
-    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.glob("case*"))}

@@ -17,15 +17,12 @@ from meddiff.cli.main import main
 from meddiff.data import LoadVolume, read_dicom_series, read_mask
 from meddiff.data.demo import CT_ORGAN_LABELS, ct_abdomen_paths, ct_organ_labels, make_ct_organ_demo
 from meddiff.data.dicom_labels import read_dicom_seg, read_rtstruct
+from tests.helpers import dice
 
 from .conftest import assert_same_world
 from .rt_helpers import contours_from_mask, write_rtstruct
 
 NAMES = {name: int(v) for v, name in CT_ORGAN_LABELS.items() if int(v)}
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
 def _mean_hu(ct: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -63,10 +60,10 @@ def test_nifti_variants_move_image_and_labels_together(tmp_path: Path) -> None:
         hu = _mean_hu(ct.astype(np.float32), labels)  # labels still sit on their organs after the motion
         assert hu["bone"] > hu["liver"] > hu["muscle"] > hu["bowel"] > hu["lung"], hu
         arrays.append(labels)
-    assert _dice(arrays[0] == 2, arrays[1] == 2) < 0.98  # variants differ
+    assert dice(arrays[0] == 2, arrays[1] == 2) < 0.98  # variants differ
     first = tmp_path / "a" / dataset["training"][0]["label"]
     np.testing.assert_array_equal(nib.load(first).dataobj, nib.load(again.parent / "labelsTr" / first.name).dataobj)
-    assert _dice(arrays[0] == 2, np.asarray(nib.load(other.parent / "labelsTr" / first.name).dataobj) == 2) < 0.98
+    assert dice(arrays[0] == 2, np.asarray(nib.load(other.parent / "labelsTr" / first.name).dataobj) == 2) < 0.98
 
 
 def test_dicom_variants_with_their_seg_equal_the_nifti_variants(tmp_path: Path) -> None:
@@ -106,5 +103,5 @@ def test_organ_outlines_as_rtstruct_read_back_onto_the_series_grid(tmp_path: Pat
     np.testing.assert_allclose(read_affine, affine, atol=1e-9)
     np.testing.assert_allclose(LoadVolume()(series).affine.numpy(), read_affine, atol=1e-6)
     for name, v in NAMES.items():
-        assert _dice(read == v, labels == v) >= 0.98, (name, _dice(read == v, labels == v))
+        assert dice(read == v, labels == v) >= 0.98, (name, dice(read == v, labels == v))
     assert (read != labels).mean() < 0.005

@@ -33,6 +33,7 @@ from meddiff.data.dicom_labels import (
     read_rtstruct,
 )
 from meddiff.data.segmentation import LoadSegmentationPaird
+from tests.helpers import dice
 
 from .rt_helpers import (
     SHAPE,
@@ -47,10 +48,6 @@ from .rt_helpers import (
 LABELS = {"background": 0, "Tumour": 1, "Ring": 2}
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
-
-
 def _check_labels(labels: np.ndarray, affine: np.ndarray, ct_folder: Path) -> None:
     """Same grid and affine as the CT reader, Dice >= 0.98 per label against the source masks."""
     _, ct_affine, _ = read_dicom_series(ct_folder)
@@ -58,8 +55,8 @@ def _check_labels(labels: np.ndarray, affine: np.ndarray, ct_folder: Path) -> No
     np.testing.assert_allclose(affine, ct_affine, atol=1e-9)
     np.testing.assert_allclose(LoadVolume()(ct_folder).affine.numpy(), affine, atol=1e-6)
     for name, mask in source_masks().items():
-        dice = _dice(labels == LABELS[name], mask)
-        assert dice >= 0.98, (name, dice)
+        score = dice(labels == LABELS[name], mask)
+        assert score >= 0.98, (name, score)
     assert set(np.unique(labels).tolist()) == {0, 1, 2}
 
 
@@ -124,7 +121,7 @@ def test_missing_roi_and_foreign_objects_are_one_clear_error(tmp_path: Path) -> 
     assert err.value.path == str(rtstruct)
     assert err.value.problem == "has no ROI 'GTV' (from label_names); its ROIs are 'Ring', 'Tumour'"
     labels, _ = read_rtstruct(rtstruct, tmp_path / "CT", {" tumour ": 3})  # case and spaces are forgiven
-    assert _dice(labels == 3, source_masks()["Tumour"]) >= 0.98 and set(np.unique(labels).tolist()) == {0, 3}
+    assert dice(labels == 3, source_masks()["Tumour"]) >= 0.98 and set(np.unique(labels).tolist()) == {0, 3}
 
     foreign_uid = generate_uid()
     foreign = write_rtstruct(tmp_path / "RS2" / "rs.dcm", files, series_uid=foreign_uid)
@@ -251,10 +248,10 @@ def test_labels_follow_the_image_of_a_tilted_gantry_series(tmp_path: Path) -> No
     image, _, info = read_dicom_series(ct)
     assert np.asarray(info.shear).any()
     from_image = {"Tumour": np.isclose(image, 40.0), "Ring": np.isclose(image, 300.0)}  # where the reader put them
-    assert _dice(source_masks()["Ring"], from_image["Ring"]) < 0.5  # the shift matters
+    assert dice(source_masks()["Ring"], from_image["Ring"]) < 0.5  # the shift matters
     for labels, _ in (read_rtstruct(rtstruct, ct, LABELS), read_dicom_seg(seg, ct, LABELS)):
         for name, mask in from_image.items():
-            assert _dice(labels == LABELS[name], mask) >= 0.98, name
+            assert dice(labels == LABELS[name], mask) >= 0.98, name
     # a SEG of sheared frames that does not reference the slices cannot be placed: said, not guessed
     ds = pydicom.dcmread(seg)
     for frame in ds.PerFrameFunctionalGroupsSequence:

@@ -16,6 +16,7 @@ from meddiff.data import DataError, LoadVolume, read_dicom_seg, read_dicom_serie
 from meddiff.data.dicom_seg_writer import SEG_SERIES_DESCRIPTION, write_dicom_seg
 from meddiff.data.masks import file_sha256, find_masks, load_mask_volume, mask_case_name, read_mask
 from meddiff.sampling import DicomSegOutput, DicomSeriesOutput
+from tests.helpers import dice
 
 from .rt_helpers import SHAPE, ct_affine, source_masks, write_ct, write_rtstruct, write_seg
 
@@ -28,10 +29,6 @@ def _label_map() -> np.ndarray:
     labels[masks["Tumour"]] = 1
     labels[masks["Ring"]] = 2
     return labels
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
 @pytest.mark.parametrize("reversed_slices", [False, True], ids=["slices-along-normal", "slices-against-normal"])
@@ -141,7 +138,7 @@ def test_read_mask_nifti_seg_and_rtstruct_agree(tmp_path: Path) -> None:
         assert labels.shape == SHAPE and labels.dtype == np.uint8, name
         np.testing.assert_allclose(label_affine, affine, atol=1e-6)
         for value in (1, 2):
-            assert _dice(labels == value, expected == value) >= 0.98, (name, value)
+            assert dice(labels == value, expected == value) >= 0.98, (name, value)
         assert len(meta["sha256"]) == 64 and meta["sha256"] == file_sha256(meta["label_file"]), name
     assert read["nifti_case"][2]["kind"] == "nifti" and read["nifti_case"][2]["image"] is None
     assert read["rt_case"][2]["kind"] == "rtstruct" and read["rt_case"][2]["label_file"].endswith("RS.dcm")
@@ -222,7 +219,7 @@ def test_training_pair_with_a_dicom_label_loads_on_the_image_grid(tmp_path: Path
         if label in (seg, nifti):
             np.testing.assert_array_equal(labels, _label_map())
         for value in (1, 2):  # the RTSTRUCT: polygons rasterised
-            assert _dice(labels == value, _label_map() == value) >= 0.98, (label, value)
+            assert dice(labels == value, _label_map() == value) >= 0.98, (label, value)
     assert load({"image": str(ct), "label": str(nifti)})["label"] == str(nifti)  # NIfTI: left to the pair loader
     with pytest.raises(DataError, match=r"RS.dcm: is an RTSTRUCT: pass label_names"):
         LoadDicomLabeld()({"image": str(ct), "label": str(rtstruct)})

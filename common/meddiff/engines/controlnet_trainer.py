@@ -217,11 +217,13 @@ class ControlNetTrainer(DiffusionTrainer):
                  **kwargs: Any) -> torch.Tensor:
         """The frozen denoiser's prediction with ``model`` (the ControlNet) given the batch's one-hot label maps;
         class-conditioned, ONE draw of class labels (``dropout``: share replaced by the null class, see
-        ``DiffusionTrainer._conditioned``) goes to both the ControlNet and the denoiser."""
+        ``DiffusionTrainer._class_labels``) goes to both the ControlNet and the denoiser."""
         cond = one_hot_labels(batch["label"].to(self.device), self.num_label_classes)
-        controlnet = self._conditioned(model, batch, dropout)
-        keywords = getattr(controlnet, "keywords", None)  # {"class_labels": ...} of a class-conditioned batch
-        denoiser = functools.partial(self.denoiser, **keywords) if keywords else self.denoiser
+        controlnet, denoiser = model, self.denoiser
+        labels = self._class_labels(batch, dropout)
+        if labels is not None:
+            controlnet = functools.partial(model, class_labels=labels)
+            denoiser = functools.partial(self.denoiser, class_labels=labels)
         return self.inferer(inputs=inputs, diffusion_model=denoiser, controlnet=controlnet, cn_cond=cond, **kwargs)
 
     def _val_conditions(self, i: int) -> dict[str, torch.Tensor]:

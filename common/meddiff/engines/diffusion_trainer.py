@@ -222,13 +222,18 @@ class DiffusionTrainer(Trainer):
         ``condition_on_spacing``, spacings bound."""
         if self.condition_on_spacing:
             model = functools.partial(model, spacing=batch[SPACING_KEY].to(self.device).float())
+        labels = self._class_labels(batch, dropout)
+        return model if labels is None else functools.partial(model, class_labels=labels)
+
+    def _class_labels(self, batch: dict[str, torch.Tensor], dropout: float) -> torch.Tensor | None:
+        """The batch's class indices, a share ``dropout`` replaced by the null class; ``None`` when unconditional."""
         if not self.num_classes:
-            return model
+            return None
         labels = batch[CLASS_KEY].to(self.device).reshape(-1)
         if dropout > 0:
             drop = torch.rand(labels.shape, device=self.device) < dropout
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        return functools.partial(model, class_labels=labels)
+        return labels
 
     def setup(self) -> None:
         """Encode and cache the training and validation latents; fix the scale factor."""
