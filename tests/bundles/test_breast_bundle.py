@@ -371,4 +371,3 @@ def test_multi_gpu_config_trains_with_two_ranks_on_cpu(workspace, tmp_path):
     assert all(torch.equal(w0[k], w1[k]) for k in w0), "weights differ between ranks"
     log = [json.loads(line) for line in (tmp_path / "models" / "segmentation_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2]  # only rank 0 writes
-

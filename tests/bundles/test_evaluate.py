@@ -135,4 +135,3 @@ def test_empty_synthetic_folder_fails_clearly(evaluated, tmp_path):
     assert proc.returncode != 0
     assert f"{empty}: no synthetic volumes matching 'sample_*.nii.gz'" in proc.stdout + proc.stderr
     assert not (tmp_path / "eval" / "metrics.json").exists()
-

@@ -11,7 +11,9 @@ where that checkout exists, runs as well.
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.metadata
 import json
 import re
 import shutil
@@ -23,7 +25,14 @@ import pytest
 from monai.apps import download_url
 from monai.apps.utils import HashCheckError
 
-from meddiff.cli.export import WEIGHTS_MANIFEST, export_bundle, read_weights_manifest, write_weights_manifest
+import meddiff
+from meddiff.cli.export import (
+    WEIGHTS_MANIFEST,
+    export_bundle,
+    meddiff_requirements,
+    read_weights_manifest,
+    write_weights_manifest,
+)
 from meddiff.cli.main import main
 from meddiff.data.errors import DataError
 
@@ -145,6 +154,11 @@ def test_zoo_export_downloads_back_with_monai(bundle, tmp_path):
         assert e == {"path": e["path"], "url": f"{base}/{PurePosixPath(e['path']).name}",
                      "hash_val": manifest[e["path"]], "hash_type": "sha256"}
     assert _zoo_large_files_problems(out, entries) == []
+    # the copy carries meddiff, so the metadata requires meddiff's own dependencies instead of meddiff
+    meta = json.loads((out / "configs" / "metadata.json").read_text())
+    required, optional = meta["required_packages_version"], meta.get("optional_packages_version", {})
+    assert "meddiff" not in required and "meddiff" not in optional and meta["meddiff_version"] == meddiff.__version__
+    assert set(meddiff_requirements()) <= set(required)
     # what download_large_files does per entry: download_url(url, filepath=bundle/path, hash_val, hash_type)
     for e in entries:
         download_url(e["url"], filepath=out / e["path"], hash_val=e["hash_val"], hash_type=e["hash_type"],
@@ -160,6 +174,23 @@ def test_zoo_export_downloads_back_with_monai(bundle, tmp_path):
         download_url(entries[0]["url"], filepath=out / entries[0]["path"], hash_val=entries[0]["hash_val"],
                      hash_type="sha256", progress=False)
     assert not (out / entries[0]["path"]).exists()
+
+
+def test_meddiff_declares_every_package_it_imports():
+    """What an exported bundle requires in meddiff's place (``meddiff_requirements``) covers every third-party
+    import in the package, torch, MONAI and NumPy aside (the zoo metadata pins them under keys of their own)."""
+    imported = set()
+    for source in Path(meddiff.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    distributions = importlib.metadata.packages_distributions()
+    third_party = {name for name in imported if name not in sys.stdlib_module_names and name != "meddiff"}
+    needed = {distributions[name][0].lower() for name in third_party}
+    assert {"pillow", "pytorch-ignite", "scipy"} <= needed  # the scan sees imports under other names
+    assert needed - {"torch", "monai", "numpy"} <= set(meddiff_requirements())
 
 
 def test_monai_download_large_files_reads_the_submission(tmp_path):

@@ -11,6 +11,7 @@ as url-less download entries.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -24,7 +25,8 @@ import meddiff
 from meddiff.data.errors import DataError
 from meddiff.utils import atomic_write_json, atomic_write_text
 
-__all__ = ["WEIGHTS_MANIFEST", "export_bundle", "read_weights_manifest", "sha256_of", "write_weights_manifest"]
+__all__ = ["WEIGHTS_MANIFEST", "export_bundle", "meddiff_requirements", "read_weights_manifest", "sha256_of",
+           "write_weights_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +119,54 @@ def read_weights_manifest(bundle_dir: str | os.PathLike, check: bool = False) ->
     return entries
 
 
+#: dependencies the zoo metadata pins under keys of their own (``pytorch_version`` ...), not in ``*_packages_version``
+_PINNED_APART = {"torch", "monai", "numpy"}
+_REQUIREMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def meddiff_requirements() -> dict[str, str]:
+    """meddiff's runtime dependencies (no extras) as ``{distribution name: installed version}``.
+
+    An exported bundle carries the meddiff package, not meddiff's installed distribution, so its metadata must
+    declare what meddiff itself needs. torch, MONAI and NumPy are left out: the zoo's metadata pins them apart.
+
+    Returns:
+        The dependencies, lower-case names as PyPI normalises them.
+
+    Raises:
+        RuntimeError: meddiff is not installed as a distribution, or one of its dependencies is not installed.
+    """
+    try:
+        declared = importlib.metadata.requires("meddiff") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError("meddiff is not installed (pip install -e .), so its dependencies are unknown") from None
+    versions = {}
+    for line in declared:
+        requirement, _, marker = line.partition(";")
+        if "extra" in marker:
+            continue
+        name = _REQUIREMENT_NAME.match(requirement).group(0)
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in _PINNED_APART:
+            continue
+        try:
+            versions[key] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            raise RuntimeError(f"meddiff needs {line!r}, which is not installed here") from None
+    return versions
+
+
+def _declare_meddiff_requirements(meta: dict) -> None:
+    """Replace ``meddiff`` in the metadata's package lists by its own dependencies (required, as meddiff was)."""
+    required = meta.setdefault("required_packages_version", {})
+    optional = meta.get("optional_packages_version", {})
+    for key in ("required_packages_version", "optional_packages_version"):
+        meta.get(key, {}).pop("meddiff", None)  # carried inside the bundle, nothing to install
+    for name, version in meddiff_requirements().items():
+        if name not in required:
+            required[name] = optional.get(name, version)
+
+
 def _write_large_files(staging: Path, entries: dict[str, str], weights_url: str) -> dict[str, str]:
     """Write ``staging/large_files.yml`` with path, url and sha256 of each entry; returns path -> url."""
     base = weights_url.rstrip("/")
@@ -145,7 +195,8 @@ def export_bundle(bundle_dir: str, output_dir: str, with_weights: bool = True, z
 
     MONAI's ``ConfigWorkflow.run`` puts the bundle root on ``sys.path``, so the configs' full
     ``meddiff.*`` ``_target_`` paths resolve to the copy (MONAI Label and the model zoo load
-    bundles this way). ``metadata.json`` records the meddiff version the copy carries.
+    bundles this way). ``metadata.json`` records the meddiff version the copy carries and, in place of
+    ``meddiff``, requires meddiff's own dependencies at their installed versions.
 
     With ``zoo``, the copy is a model-zoo submission: the files listed in ``weights.sha256`` are checked
     against their hashes and left out, and ``large_files.yml`` lists each with ``url``
@@ -166,6 +217,7 @@ def export_bundle(bundle_dir: str, output_dir: str, with_weights: bool = True, z
         FileNotFoundError: ``bundle_dir`` has no ``configs/metadata.json``.
         FileExistsError: ``output_dir`` exists.
         ValueError: ``zoo`` without a ``weights_url`` with a scheme, or ``weights_url`` without ``zoo``.
+        RuntimeError: meddiff's dependencies cannot be read from its installed distribution.
         DataError: (``zoo``) ``weights.sha256`` is missing or malformed, or a listed file is missing or changed.
     """
     src, dst = Path(bundle_dir), Path(output_dir)
@@ -190,9 +242,7 @@ def export_bundle(bundle_dir: str, output_dir: str, with_weights: bool = True, z
         shutil.copytree(Path(meddiff.__file__).parent, staging / "meddiff", ignore=_IGNORE_CODE)
         meta_file = staging / "configs" / "metadata.json"
         meta = json.loads(meta_file.read_text())
-        for key in ("required_packages_version", "optional_packages_version"):
-            if key in meta:
-                meta[key].pop("meddiff", None)  # carried inside the bundle, nothing to install
+        _declare_meddiff_requirements(meta)
         meta["meddiff_version"] = meddiff.__version__
         atomic_write_json(meta_file, meta, indent=4)
         if zoo:

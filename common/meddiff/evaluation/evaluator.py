@@ -728,4 +728,3 @@ class GenerationEvaluator:
                      'that training volume; each synthetic volume is translated by its best shift so that the slices '
                      'correspond.</p>' + rpt.html_image(rpt.closest_pairs_figure(pairs), "closest pairs"))
         return body
-

@@ -252,4 +252,3 @@ def html_report(title: str, sections: Sequence[tuple[str, str]], footer: str = "
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>\n" + "\n".join(parts)
             + f"\n<footer class=\"note\">{footer}</footer></body></html>\n")
-
