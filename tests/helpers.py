@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import socket
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -96,3 +97,15 @@ def load_bench(name: str) -> ModuleType:
     sys.modules[f"bench_{name}"] = module
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """The real ``torchrun`` (``python -m torch.distributed.run``) for ``nproc`` local ranks on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]

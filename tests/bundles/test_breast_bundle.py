@@ -6,9 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shutil
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -21,6 +19,7 @@ from monai.transforms import Compose, SaveImaged
 from meddiff.data.phantoms import make_breast_phantom
 from meddiff.experiments.label_budget import ExperimentError, run_stage
 from tests.breast_helpers import BREAST_BUNDLE, BREAST_TINY, run_breast, write_breast_datasets
+from tests.helpers import torchrun
 
 
 @pytest.fixture(scope="module")
@@ -360,12 +359,10 @@ def test_multi_gpu_config_trains_with_two_ranks_on_cpu(workspace, tmp_path):
     overlay = tmp_path / "dump.json"
     overlay.write_text(json.dumps({
         "+finalize": ["$torch.save(@network_def.state_dict(), @ckpt_dir + '/rank' + os.environ['RANK'] + '.pt')"]}))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                f"--master_port={29700 + os.getpid() % 1000}"]
     configs = ["configs/train.json", "configs/multi_gpu_train.json", str(overlay)]
     run_breast("multi_gpu_train", {"dataset_dir": str(labelled), "ckpt_dir": str(tmp_path / "models"),
                                    "max_steps": 2, "val_interval": 2, "ckpt_interval": 2, "batch_size": 1},
-               configs=configs, launcher=torchrun)
+               configs=configs, launcher=torchrun())
     w0 = torch.load(tmp_path / "models" / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "models" / "rank1.pt", weights_only=True)
     assert all(torch.equal(w0[k], w1[k]) for k in w0), "weights differ between ranks"

@@ -1,6 +1,7 @@
 # Copyright (c) meddiff contributors. Licensed under the Apache License, Version 2.0.
 """Class + mask conditioning through `python -m monai.bundle run`: a class-conditioned stage 2, a ControlNet on it
-trained with class labels, then mask-conditioned sampling of one class."""
+trained with class labels (DDP: 2 gloo ranks under torchrun), then mask-conditioned sampling of one class shared over
+2 ranks."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import numpy as np
 import pytest
 
 from tests.bundles.conftest import MRI_BUNDLE, run_bundle
-from tests.helpers import blob_volume
+from tests.helpers import blob_volume, torchrun
 
 pytestmark = pytest.mark.slow  # four workflows through the CLI
 
 CONTROLNET = ["configs/train_controlnet.json"]
 SAMPLE_CONTROLNET = ["configs/inference_controlnet.json"]
+MULTI_TRAIN, MULTI_SAMPLE = "configs/multi_gpu_train.json", "configs/multi_gpu_inference.json"
 
 
 def _two_class_set(root):
@@ -70,10 +72,11 @@ def test_class_and_mask_conditioned_generation(tmp_path):
     assert proc.returncode != 0 and "['sprain'] the denoiser does not know" in proc.stderr
     assert "['intact', 'tear']" in proc.stderr
 
-    run_bundle(bundle, "train_diffusion", {**cn, **steps}, extra_configs=CONTROLNET)
+    run_bundle(bundle, "train_diffusion", {**cn, **steps}, extra_configs=[*CONTROLNET, MULTI_TRAIN], launcher=torchrun())
     info = json.loads((models / "controlnet.json").read_text())
     assert info["num_classes"] == 2 and info["class_names"] == ["intact", "tear"] and info["num_label_classes"] == 2
     log = [json.loads(line) for line in (models / "controlnet_log.jsonl").read_text().splitlines()]
+    # one record per step (rank 0 logs)
     assert [r["step"] for r in log if "loss" in r] == [1, 2] and all(np.isfinite(r["loss"]) for r in log if "loss" in r)
     assert any("val_loss" in r for r in log)
 
@@ -81,19 +84,23 @@ def test_class_and_mask_conditioned_generation(tmp_path):
     masks.mkdir()
     shutil.copy(labels / "case_0.nii.gz", masks / "case_0.nii.gz")
     out = tmp_path / "generated"
-    run_bundle(bundle, "inference", {**cn, "mask_dir": str(masks), "output_dir": str(out), "class_label": "tear",
-                                     "guidance_scale": "2.0", "num_samples_per_mask": "2",
-                                     "num_inference_steps": "2"}, extra_configs=SAMPLE_CONTROLNET)
+    # a mix of classes, one volume per batch, shared round-robin over 2 ranks: each seed keeps its class
+    proc = run_bundle(bundle, "inference", {**cn, "mask_dir": str(masks), "output_dir": str(out),
+                                            "class_label": "['tear','intact']", "guidance_scale": "2.0",
+                                            "num_samples_per_mask": "2", "sample_batch_size": "1",
+                                            "num_inference_steps": "2"},
+                      extra_configs=[*SAMPLE_CONTROLNET, MULTI_SAMPLE], launcher=torchrun())
+    log = proc.stdout + proc.stderr
+    assert "rank 0/2: 1 mask-conditioned samples written" in log and "rank 1/2: 1 mask-conditioned samples written" in log
     manifest = json.loads((out / "samples.json").read_text())
-    assert manifest["num_classes"] == 2 and manifest["class_labels"] == ["tear", "tear"]
+    assert manifest["num_classes"] == 2 and manifest["class_labels"] == ["tear", "intact"]
     assert manifest["guidance_scale"] == 2.0 and manifest["class_names"] == ["intact", "tear"]
-    assert [s["seed"] for s in manifest["samples"]] == [0, 1]
+    assert [(s["seed"], s["class_label"]) for s in manifest["samples"]] == [(0, "tear"), (1, "intact")]
     dataset = json.loads((out / "dataset.json").read_text())
-    assert [item["class_label"] for item in dataset["training"]] == ["tear", "tear"]
+    assert [item["class_label"] for item in dataset["training"]] == ["tear", "intact"]
     for record in manifest["samples"]:
         image, label = nib.load(out / record["file"]), nib.load(out / record["label_file"])
         np.testing.assert_array_equal(image.affine, label.affine)
         assert np.isfinite(image.get_fdata()).all()
-        assert record["class_label"] == "tear"
         descrip = image.header["descrip"].tobytes().rstrip(b"\0").decode()
-        assert descrip.startswith("SYNTHETIC") and "class=tear g=2" in descrip
+        assert descrip.startswith("SYNTHETIC") and f"class={record['class_label']} g=2" in descrip

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from tests.bundles.conftest import CT_BUNDLE, MRI_BUNDLE, run_bundle
-from tests.helpers import blob_volume
+from tests.helpers import blob_volume, torchrun
 
 pytestmark = pytest.mark.slow  # stages 1-3 and sampling through the CLI
 
@@ -144,10 +143,9 @@ def test_controlnet_under_torchrun_with_bf16(mri, tmp_path):
     """Two gloo processes (DDP over the ControlNet, the denoiser frozen) with bf16 autocast."""
     bundle, cn, _, _ = mri
     copy = shutil.copytree(bundle, tmp_path / "ddp", ignore=shutil.ignore_patterns("controlnet*", "checkpoints"))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29763"]
     run_bundle(copy, "train_diffusion", {**cn, "max_steps": "2", "val_interval": "2", "ckpt_interval": "2",
                                          "amp": "true"},
-               extra_configs=[*CONTROLNET, "configs/multi_gpu_train.json"], launcher=launcher)
+               extra_configs=[*CONTROLNET, "configs/multi_gpu_train.json"], launcher=torchrun())
     log = [json.loads(line) for line in (copy / "models" / "controlnet_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2]  # one record per step: rank 0 logs
     assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)

@@ -5,8 +5,6 @@ same bytes as one process, one merged manifest, resume."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -17,18 +15,13 @@ from monai.bundle import ConfigParser
 
 from meddiff.networks import controlnet_from_denoiser
 from tests.bundles.conftest import MRI_BUNDLE, STAGE_CONFIGS, run_bundle
-from tests.helpers import TINY_VALUES
+from tests.helpers import TINY_VALUES, torchrun
 
 pytestmark = pytest.mark.slow
 
 SAMPLING = {"num_samples": "5", "sample_batch_size": "2", "num_inference_steps": "2", "sample_seed": "20"}
 MULTI = ["configs/multi_gpu_inference.json"]
 SAMPLE_CONTROLNET = ["configs/inference_controlnet.json"]
-
-
-def _torchrun() -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            f"--master_port={29500 + (os.getpid() + 500) % 1000}"]
 
 
 def _write_weights(ckpt_dir: Path) -> None:
@@ -60,7 +53,7 @@ def test_two_ranks_write_the_bytes_of_one_process_and_resume(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_bundle(MRI_BUNDLE, "inference", {**SAMPLING, "ckpt_dir": str(models), "output_dir": str(one)})
     proc = run_bundle(MRI_BUNDLE, "inference", {**SAMPLING, "ckpt_dir": str(models), "output_dir": str(two)},
-                      extra_configs=MULTI, launcher=_torchrun())
+                      extra_configs=MULTI, launcher=torchrun())
     log = proc.stdout + proc.stderr
     # batches [0, 1] [2, 3] [4] go round-robin: rank 0 writes 3 volumes, rank 1 two, none twice
     assert "rank 0/2: 3 samples written, 0 kept" in log and "rank 1/2: 2 samples written, 0 kept" in log, log[-3000:]
@@ -88,7 +81,7 @@ def test_two_ranks_write_the_bytes_of_one_process_and_resume(tmp_path):
     (two / "sample_003.nii.gz").unlink()
     (two / "sample_000.png").write_bytes(written["sample_000.png"][1][:100])
     proc = run_bundle(MRI_BUNDLE, "inference", {**SAMPLING, "ckpt_dir": str(models), "output_dir": str(two)},
-                      extra_configs=MULTI, launcher=_torchrun())
+                      extra_configs=MULTI, launcher=torchrun())
     log = proc.stdout + proc.stderr
     assert "rank 0/2: 1 samples written, 2 kept" in log and "rank 1/2: 1 samples written, 1 kept" in log, log[-3000:]
     again = _files(two)
@@ -130,7 +123,7 @@ def test_two_ranks_share_mask_conditioned_sampling_and_resume(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_bundle(MRI_BUNDLE, "inference", {**cn, "output_dir": str(one)}, extra_configs=SAMPLE_CONTROLNET)
     proc = run_bundle(MRI_BUNDLE, "inference", {**cn, "output_dir": str(two)}, extra_configs=SAMPLE_CONTROLNET + MULTI,
-                      launcher=_torchrun())
+                      launcher=torchrun())
     log = proc.stdout + proc.stderr
     # 6 batches of one volume go round-robin: each rank samples one volume of every mask, none twice
     assert "rank 0/2: 3 mask-conditioned samples written, 0 kept" in log, log[-3000:]
@@ -153,7 +146,7 @@ def test_two_ranks_share_mask_conditioned_sampling_and_resume(tmp_path):
 
     (two / "case2_001_image.nii.gz").unlink()  # preempted: rank 1's last volume lost
     proc = run_bundle(MRI_BUNDLE, "inference", {**cn, "output_dir": str(two)}, extra_configs=SAMPLE_CONTROLNET + MULTI,
-                      launcher=_torchrun())
+                      launcher=torchrun())
     log = proc.stdout + proc.stderr
     assert "rank 0/2: 0 mask-conditioned samples written, 3 kept" in log, log[-3000:]
     assert "rank 1/2: 1 mask-conditioned samples written, 2 kept" in log, log[-3000:]

@@ -7,13 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from tests.bundles.conftest import MRI_BUNDLE, bundle_command, run_bundle, write_mixed_mri_dataset
+from tests.helpers import torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -26,18 +26,13 @@ def _rank_dump_overlay(path, network_id: str) -> str:
     return str(path)
 
 
-def _torchrun() -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            f"--master_port={29500 + os.getpid() % 1000}"]
-
-
 def test_ddp_two_ranks_agree(tmp_path):
     data = write_mixed_mri_dataset(tmp_path / "data")
     common = {"dataset_dir": str(data), "ckpt_dir": str(tmp_path / "models"), "npy_spacing": "[1.2,1.2,2.5]",
               "max_steps": "3", "val_interval": "3", "ckpt_interval": "3", "val_fraction": "0.25"}
     overlay = _rank_dump_overlay(tmp_path / "dump_ae.json", "autoencoder_def")
     run_bundle(MRI_BUNDLE, "train_autoencoder", {**common, "adversarial_start_step": "1"},
-               extra_configs=["configs/multi_gpu_train.json", overlay], launcher=_torchrun())
+               extra_configs=["configs/multi_gpu_train.json", overlay], launcher=torchrun())
     w0 = torch.load(tmp_path / "models" / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "models" / "rank1.pt", weights_only=True)
     assert all(torch.equal(w0[k], w1[k]) for k in w0), "autoencoder weights differ between ranks"
@@ -48,7 +43,7 @@ def test_ddp_two_ranks_agree(tmp_path):
 
     overlay = _rank_dump_overlay(tmp_path / "dump_dm.json", "diffusion_def")
     run_bundle(MRI_BUNDLE, "train_diffusion", {**common, "ema_start_step": "1", "warmup_steps": "1"},
-               extra_configs=["configs/multi_gpu_train.json", overlay], launcher=_torchrun())
+               extra_configs=["configs/multi_gpu_train.json", overlay], launcher=torchrun())
     w0 = torch.load(tmp_path / "models" / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "models" / "rank1.pt", weights_only=True)
     assert all(torch.equal(w0[k], w1[k]) for k in w0), "diffusion weights differ between ranks"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.helpers import free_port
 
 __all__ = ["LABEL_VENV", "LabelServer", "multipart", "require_label_venv"]
 
@@ -32,12 +33,6 @@ def require_label_venv() -> None:
     if os.environ.get("MEDDIFF_REQUIRE_LABEL") == "1":
         pytest.fail(f"MEDDIFF_REQUIRE_LABEL=1 but {reason}")
     pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def multipart(fields: dict[str, str], files: dict[str, Path]) -> tuple[bytes, str]:
@@ -65,7 +60,7 @@ class LabelServer:
     """
 
     def __init__(self, app: Path, studies: Path, log: Path, conf: dict[str, str]) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
