@@ -8,11 +8,14 @@ import json
 
 import pytest
 import torch
+from monai.data import DataLoader as MonaiDataLoader
+from monai.data import MetaTensor
 from monai.inferers import ControlNetDiffusionInferer, DiffusionInferer
 from monai.networks.nets import VQVAE
 from monai.networks.schedulers import DDPMScheduler
 from torch.utils.data import DataLoader
 
+from meddiff.data.errors import DataError
 from meddiff.engines import ControlNetTrainer, TrainerSettings, diffusion_prepare_batch
 from meddiff.networks import Pseudo3DControlNet, Pseudo3DUNet, controlnet_from_denoiser
 
@@ -54,7 +57,14 @@ def test_trainer_checks(tmp_path):
 def test_labels_outside_the_classes_are_an_error(tmp_path):
     loader = DataLoader([{"image": torch.zeros(1, 8, 8, 4), "label": torch.full((1, 8, 8, 4), 3.0)}])
     trainer = ControlNetTrainer(**_kwargs(tmp_path, train_loader=loader))
-    with pytest.raises(ValueError, match=r"label values \[3\], outside 0..1"):
+    with pytest.raises(DataError, match=r"label map of item 0: label values \[3\] are outside 0..1"):
+        trainer.setup()
+    # labels read from files (MONAI's collate keeps each item's file name) name the file
+    files = [{"image": torch.zeros(1, 8, 8, 4), "label": MetaTensor(torch.full((1, 8, 8, 4), float(v)),
+                                                                      meta={"filename_or_obj": f"case_{v}.nii.gz"})}
+             for v in (1, 3)]
+    trainer = ControlNetTrainer(**_kwargs(tmp_path / "files", train_loader=MonaiDataLoader(files, batch_size=2)))
+    with pytest.raises(DataError, match=r"^case_3.nii.gz: label values \[3\] are outside 0..1"):
         trainer.setup()
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from monai.networks.nets import ControlNet, DiffusionModelUNet
 
+from meddiff.data.errors import DataError
 from meddiff.networks import Pseudo3DControlNet, Pseudo3DUNet, controlnet_from_denoiser
 from meddiff.sampling import ControlNetSampler, LatentDiffusionSampler
 from meddiff.schedulers import make_sampling_scheduler
@@ -74,7 +75,7 @@ def test_errors_name_the_problem(mask_dir, tmp_path_factory):
     bad = tmp_path_factory.mktemp("bad")
     nib.save(nib.Nifti1Image(np.full((16, 16, 8), 5, np.uint8), np.eye(4)), bad / "x.nii.gz")
     _, cond = _samplers("ddim", bad)
-    with pytest.raises(ValueError, match=r"x.nii.gz has label values \[5\]"):
+    with pytest.raises(DataError, match=r"x.nii.gz: label values \[5\] are outside 0..2"):
         cond.load_mask(bad / "x.nii.gz")
     with pytest.raises(ValueError, match="scale_factor"):
         ControlNetSampler(_controlnet(), mask_dir, {"num_label_classes": 3, "scale_factor": 0.7},

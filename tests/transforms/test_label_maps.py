@@ -8,6 +8,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
+from meddiff.data.errors import DataError
 from meddiff.transforms import MaskAugmentation, one_hot_labels
 
 
@@ -46,7 +47,7 @@ def test_one_hot_labels():
     assert encoded.shape == (1, 3, 24, 24, 24) and torch.equal(encoded.sum(1), torch.ones(1, 24, 24, 24))
     assert torch.equal(encoded.argmax(1, keepdim=True), label[None].long().as_subclass(torch.Tensor))
     assert one_hot_labels(label, 3).shape == (3, 24, 24, 24)
-    with pytest.raises(ValueError, match=r"mask.nii has label values \[2\], outside 0..1"):
+    with pytest.raises(DataError, match=r"^mask.nii: label values \[2\] are outside 0..1"):
         one_hot_labels(label, 2, "mask.nii")
     with pytest.raises(ValueError, match="non-integer"):
         one_hot_labels(label.float() * 0.5, 3)

@@ -176,8 +176,11 @@ class ControlNetTrainer(DiffusionTrainer):
                     names.extend(str(c) for c in batch[CLASS_KEY])
                 z = self.autoencoder.encode_stage_2_inputs(batch["image"].to(self.device))
                 latents.extend((z * self.scale_factor).cpu().unbind(0))
-                for label in batch["label"].unbind(0):
-                    one_hot_labels(label[None], self.num_label_classes, f"label map of item {len(labels)}")
+                files = getattr(batch["label"], "meta", {}).get("filename_or_obj")
+                for k, label in enumerate(batch["label"].unbind(0)):
+                    named = isinstance(files, (list, tuple)) and k < len(files)
+                    one_hot_labels(label[None], self.num_label_classes,
+                                   str(files[k]) if named else f"label map of item {len(labels)}")
                     labels.append(label.round().to(torch.uint8))
         return latents, labels, None if names is None else self._class_indices(names, source)
 

@@ -205,7 +205,7 @@ class ControlNetSampler(LatentDiffusionSampler):
         label = Spacing(pixdim=self.spacing, mode="nearest")(label)
         label = ResizeWithPadOrCrop(spatial_size=self.image_size, value=0)(label)
         label = label.round()
-        one_hot_labels(label, self.num_label_classes, f"label map {meta['label_file']}")
+        one_hot_labels(label, self.num_label_classes, meta["label_file"])
         return label, meta
 
     def _check_classes(self, controlnet: nn.Module, info: Mapping[str, Any]) -> None:

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import Rand3DElastic, RandAffine
 
+from meddiff.data.errors import DataError
+
 __all__ = ["MASK_AUGMENTATIONS", "MaskAugmentation", "one_hot_labels"]
 
 #: accepted ``mask_augmentation`` modes
@@ -21,23 +23,23 @@ def one_hot_labels(labels: torch.Tensor, num_classes: int, source: str = "label 
     Args:
         labels: ``(N, 1, H, W, D)`` (or ``(1, H, W, D)``) with values ``0..num_classes-1``.
         num_classes: number of classes, background included.
-        source: what the labels are (file name), for the error message.
+        source: where the labels come from (their file), named by the error.
 
     Returns:
         Float32 ``(N, num_classes, H, W, D)`` (or ``(num_classes, H, W, D)``), a plain tensor (metadata dropped).
 
     Raises:
-        ValueError: non-integer values or values outside ``0..num_classes-1``.
+        DataError: non-integer values or values outside ``0..num_classes-1`` (naming ``source``).
     """
     values = torch.as_tensor(labels).as_subclass(torch.Tensor).float()  # no MetaTensor: its per-op cost in every layer
     rounded = values.round()
     if not torch.equal(rounded, values):
-        raise ValueError(f"{source} has non-integer values: is it an image rather than a label map?")
+        raise DataError(source, "non-integer values: is it an image rather than a label map?")
     found = sorted(int(v) for v in torch.unique(rounded).tolist())
     bad = [v for v in found if not 0 <= v < num_classes]
     if bad:
-        raise ValueError(f"{source} has label values {bad}, outside 0..{num_classes - 1} (num_label_classes="
-                         f"{num_classes}): relabel the map or set num_label_classes.")
+        raise DataError(source, f"label values {bad} are outside 0..{num_classes - 1} "
+                                f"(num_label_classes={num_classes}): relabel the map or set num_label_classes.")
     channel_dim = 1 if values.ndim == 5 else 0
     encoded = F.one_hot(rounded.long().squeeze(channel_dim), num_classes)
     return encoded.movedim(-1, channel_dim).float()
