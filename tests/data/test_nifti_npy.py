@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -14,7 +16,8 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor, NibabelReader, list_data_collate
 from monai.transforms import Compose, EnsureChannelFirst, LoadImage
 
-from meddiff.data import DataError, LoadVolume, LoadVolumed, NpyStackReader, verify_datalist
+from meddiff.data import DataError, LoadVolume, LoadVolumed, NpyStackReader, find_user_error, verify_datalist
+from meddiff.transforms import MaskAugmentation
 
 from .conftest import SHAPE, make_affine, save_nifti
 
@@ -25,6 +28,46 @@ def test_data_error_message_and_pickle(tmp_path: Path) -> None:
     assert str(err) == f"{tmp_path / 'x.nii.gz'}: contains NaN or Inf voxels"
     again = pickle.loads(pickle.dumps(err))
     assert str(again) == str(err) and again.path == err.path
+
+
+def _wrapped(error: BaseException) -> RuntimeError:
+    """``error`` inside a wrapper, as MONAI's config resolver raises it (``RuntimeError(...) from error``)."""
+    try:
+        try:
+            raise error
+        except BaseException as inner:
+            raise RuntimeError("Failed to instantiate component") from inner
+    except RuntimeError as outer:
+        return outer
+
+
+def test_user_error_is_the_data_error_or_meddiffs_own_error_behind_a_wrapper(tmp_path: Path) -> None:
+    data_error = DataError(tmp_path / "x.nii.gz", "not a volume")
+    assert find_user_error(_wrapped(data_error)) is data_error
+    try:
+        MaskAugmentation("rigid")  # a bad setting: meddiff raises the ValueError naming it
+    except ValueError as err:
+        setting_error = err
+    assert find_user_error(_wrapped(setting_error)) is setting_error
+    assert find_user_error(_wrapped(ValueError("raised here, not by meddiff"))) is None
+    assert find_user_error(None) is None
+
+
+def test_uncaught_wrapped_errors_end_the_output_with_the_cause() -> None:
+    """The installed excepthook: the traceback, then the cause alone as the last line."""
+    code = """
+import meddiff.data
+from meddiff.transforms import MaskAugmentation
+try:
+    MaskAugmentation("rigid")
+except ValueError as err:
+    raise RuntimeError("Failed to instantiate component") from err
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("ValueError: ") and "rigid" in lines[-1], lines[-3:]
+    assert any(line.startswith("RuntimeError: Failed to instantiate component") for line in lines[:-1])
 
 
 def test_nifti_matches_monai_and_nibabel(tmp_path: Path, rng: np.random.Generator) -> None:

@@ -9,7 +9,7 @@ from .datalist import VolumeFinder, find_volumes, load_or_make_datalist, make_da
 from .dicom_labels import dicom_label_to_nifti, find_label_objects, read_dicom_seg, read_rtstruct
 from .dicom_seg_writer import write_dicom_seg
 from .dicom_writer import write_dicom_series
-from .errors import DataError, find_data_error
+from .errors import DataError, find_data_error, find_user_error
 from .masks import load_mask_volume, read_mask
 from .readers import (
     DicomSeriesInfo,
@@ -42,6 +42,7 @@ __all__ = [
     "dicom_series_info",
     "find_ct_volumes",
     "find_data_error",
+    "find_user_error",
     "find_label_objects",
     "find_volumes",
     "inspect_dicom_series",

@@ -354,41 +354,41 @@ class ControlNetSampler(LatentDiffusionSampler):
         written: list[Path] = []
         generated = 0
         loaded: tuple[int, torch.Tensor, dict[str, Any]] | None = None
-        bar = tqdm(total=sum(len(ks) for _, ks in mine), desc=f"{tag}sampling", disable=not self.progress,
-                   dynamic_ncols=True, position=int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else None)
-        for j, part_ks in mine:
-            mask_path = self.masks[j]
-            if loaded is None or loaded[0] != j:
-                loaded = (j, *self.load_mask_source(mask_path))
-            _, mask, mask_meta = loaded
-            mask_hash = mask_meta["sha256"]  # of the label file (the SEG or RTSTRUCT of a folder source)
-            affine = np.asarray(torch.as_tensor(mask.affine).double().cpu())  # the grid of image and label
-            case = mask_case_name(mask_path, self.mask_dir)
-            seeds = {k: self.seeds[j * n + k] for k in part_ks}
-            stems = {k: f"{case}_{k:03d}" for k in part_ks}
-            kept = {k: earlier.get(f"{stems[k]}_image.nii.gz") for k in part_ks}
-            if all(r is not None and r.get("seed") == seeds[k] and self._verified(r) for k, r in kept.items()):
-                records.update({(j, k): r for k, r in kept.items()})
-                written.extend(self.output_dir / r["file"] for r in kept.values())
-                bar.update(len(part_ks))
-                continue
-            labels = [self.augment(mask, seeds[k]) for k in part_ks]  # the whole batch: same bytes as before
-            tic = time.perf_counter()
-            volumes = self.generate_for_masks(labels, [seeds[k] for k in part_ks])
-            seconds = (time.perf_counter() - tic) / len(part_ks)
-            for k, label, volume in zip(part_ks, labels, volumes):
-                files = self._write_pair(stems[k], volume, label, affine, seeds[k], mask_hash)
-                records[(j, k)] = {"file": files[0].name, "label_file": files[1].name, "seed": seeds[k],
-                                   "mask": str(mask_path), "mask_sha256": mask_hash, "mask_kind": mask_meta["kind"],
-                                   "mask_label_file": mask_meta["label_file"],
-                                   "mask_augmentation": self.augment.describe(), "seconds": round(seconds, 2),
-                                   "sha256": {self._relative(f): file_sha256(f) for f in files},
-                                   **self.class_record(seeds[k])}
-                written.append(files[0])
-                generated += 1
-                bar.update(1)
-            atomic_write_json(part, {**provenance, "samples": [records[key] for key in sorted(records)]})
-        bar.close()
+        position = int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else None
+        with tqdm(total=sum(len(ks) for _, ks in mine), desc=f"{tag}sampling", disable=not self.progress,
+                  dynamic_ncols=True, position=position) as bar:  # closed before an error reaches the terminal
+            for j, part_ks in mine:
+                mask_path = self.masks[j]
+                if loaded is None or loaded[0] != j:
+                    loaded = (j, *self.load_mask_source(mask_path))
+                _, mask, mask_meta = loaded
+                mask_hash = mask_meta["sha256"]  # of the label file (the SEG or RTSTRUCT of a folder source)
+                affine = np.asarray(torch.as_tensor(mask.affine).double().cpu())  # the grid of image and label
+                case = mask_case_name(mask_path, self.mask_dir)
+                seeds = {k: self.seeds[j * n + k] for k in part_ks}
+                stems = {k: f"{case}_{k:03d}" for k in part_ks}
+                kept = {k: earlier.get(f"{stems[k]}_image.nii.gz") for k in part_ks}
+                if all(r is not None and r.get("seed") == seeds[k] and self._verified(r) for k, r in kept.items()):
+                    records.update({(j, k): r for k, r in kept.items()})
+                    written.extend(self.output_dir / r["file"] for r in kept.values())
+                    bar.update(len(part_ks))
+                    continue
+                labels = [self.augment(mask, seeds[k]) for k in part_ks]  # the whole batch: same bytes as before
+                tic = time.perf_counter()
+                volumes = self.generate_for_masks(labels, [seeds[k] for k in part_ks])
+                seconds = (time.perf_counter() - tic) / len(part_ks)
+                for k, label, volume in zip(part_ks, labels, volumes):
+                    files = self._write_pair(stems[k], volume, label, affine, seeds[k], mask_hash)
+                    records[(j, k)] = {"file": files[0].name, "label_file": files[1].name, "seed": seeds[k],
+                                       "mask": str(mask_path), "mask_sha256": mask_hash, "mask_kind": mask_meta["kind"],
+                                       "mask_label_file": mask_meta["label_file"],
+                                       "mask_augmentation": self.augment.describe(), "seconds": round(seconds, 2),
+                                       "sha256": {self._relative(f): file_sha256(f) for f in files},
+                                       **self.class_record(seeds[k])}
+                    written.append(files[0])
+                    generated += 1
+                    bar.update(1)
+                atomic_write_json(part, {**provenance, "samples": [records[key] for key in sorted(records)]})
         logger.info("%s%d mask-conditioned samples written, %d kept from an earlier run, in %s", tag, generated,
                     sum(len(ks) for _, ks in mine) - generated, self.output_dir)
         if self.distributed:

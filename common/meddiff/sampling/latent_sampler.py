@@ -622,29 +622,29 @@ class LatentDiffusionSampler:
         records: dict[int, dict[str, Any]] = {}
         written: list[Path] = []
         generated = 0
-        bar = tqdm(total=sum(len(c) for c in mine), desc=f"{tag}sampling", disable=not self.progress,
-                   dynamic_ncols=True, position=int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else None)
-        for chunk in mine:
-            kept = {i: earlier[i] for i in chunk if i in earlier and self._verified(earlier[i])}
-            records.update(kept)
-            bar.update(len(kept))
-            if len(kept) < len(chunk):
-                tic = time.perf_counter()
-                volumes = self.generate([self.seeds[i] for i in chunk])  # the whole batch: same bytes as before
-                seconds = (time.perf_counter() - tic) / len(chunk)
-                for i, volume in zip(chunk, volumes):
-                    if i in kept:
-                        continue
-                    files = self._write(i, volume)
-                    records[i] = {"file": files[0].name, "seed": self.seeds[i], "seconds": round(seconds, 2),
-                                  "sha256": {self._relative(f): file_sha256(f) for f in files}}
-                    if self.num_classes:
-                        records[i]["class_label"] = self.sample_classes[i]
-                    generated += 1
-                    bar.update(1)
-                atomic_write_json(part, {**provenance, "samples": [records[i] for i in sorted(records)]})
-            written.extend(self.output_dir / records[i]["file"] for i in chunk)
-        bar.close()
+        position = int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else None
+        with tqdm(total=sum(len(c) for c in mine), desc=f"{tag}sampling", disable=not self.progress, dynamic_ncols=True,
+                  position=position) as bar:  # closed before an error reaches the terminal
+            for chunk in mine:
+                kept = {i: earlier[i] for i in chunk if i in earlier and self._verified(earlier[i])}
+                records.update(kept)
+                bar.update(len(kept))
+                if len(kept) < len(chunk):
+                    tic = time.perf_counter()
+                    volumes = self.generate([self.seeds[i] for i in chunk])  # the whole batch: same bytes as before
+                    seconds = (time.perf_counter() - tic) / len(chunk)
+                    for i, volume in zip(chunk, volumes):
+                        if i in kept:
+                            continue
+                        files = self._write(i, volume)
+                        records[i] = {"file": files[0].name, "seed": self.seeds[i], "seconds": round(seconds, 2),
+                                      "sha256": {self._relative(f): file_sha256(f) for f in files}}
+                        if self.num_classes:
+                            records[i]["class_label"] = self.sample_classes[i]
+                        generated += 1
+                        bar.update(1)
+                    atomic_write_json(part, {**provenance, "samples": [records[i] for i in sorted(records)]})
+                written.extend(self.output_dir / records[i]["file"] for i in chunk)
         logger.info("%s%d samples written, %d kept from an earlier run, in %s", tag, generated,
                     sum(len(c) for c in mine) - generated, self.output_dir)
         if self.distributed:
