@@ -82,8 +82,7 @@ def find_user_error(exc: BaseException | None) -> BaseException | None:
     Returns:
         That error (possibly ``exc`` itself), or ``None`` if the chain holds neither.
     """
-    chain = _chain(exc)
-    return find_data_error(exc) or next((e for e in reversed(chain) if _raised_by_meddiff(e)), None)
+    return find_data_error(exc) or next((e for e in reversed(_chain(exc)) if _raised_by_meddiff(e)), None)
 
 
 def _data_error_excepthook(
