@@ -380,36 +380,36 @@ class Trainer:
         batches = self._batches()
         metrics: dict[str, float] = {}
         writer = self._writer()
-        bar = tqdm(total=self.max_steps, initial=self.step, desc=f"train {self.name}", dynamic_ncols=True,
-                   disable=not (self.progress and self.is_main), mininterval=1.0)
-        tic = time.perf_counter()
-        while self.step < self.max_steps:
-            batch = next(batches)
-            logs = self.train_step(batch)
-            self.step += 1
-            bar.update(1)
-            done = self.step == self.max_steps
-            if self.step % self.log_interval == 0 or done:
-                rate = self.log_interval / max(time.perf_counter() - tic, 1e-9)
-                tic = time.perf_counter()
-                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
-                self._log({"step": self.step, **logs, "steps_per_s": rate}, writer)
-                logger.info("step %d/%d %s", self.step, self.max_steps,
-                            " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
-            if self.val_loader is not None and (self.step % self.val_interval == 0 or done):
-                metrics = self.validate()
-                self._log({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}}, writer)
-                key, value = next(iter(metrics.items()))
-                logger.info("step %d validation %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-                if value < self.best_metric:
-                    self.best_metric = value
-                    if self.is_main:
-                        for stem, weights in self.export_weights().items():
-                            atomic_torch_save(weights, self.ckpt_dir / f"{stem}_best.pt")
-                        logger.info("step %d: new best %s=%.5f", self.step, key, value)
-            if self.step % self.ckpt_interval == 0 or done:
-                self.save_checkpoint()
-        bar.close()
+        with tqdm(total=self.max_steps, initial=self.step, desc=f"train {self.name}", dynamic_ncols=True,
+                  disable=not (self.progress and self.is_main), mininterval=1.0) as bar:
+            tic = time.perf_counter()
+            while self.step < self.max_steps:
+                batch = next(batches)
+                logs = self.train_step(batch)
+                self.step += 1
+                bar.update(1)
+                done = self.step == self.max_steps
+                if self.step % self.log_interval == 0 or done:
+                    rate = self.log_interval / max(time.perf_counter() - tic, 1e-9)
+                    tic = time.perf_counter()
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+                    self._log({"step": self.step, **logs, "steps_per_s": rate}, writer)
+                    logger.info("step %d/%d %s", self.step, self.max_steps,
+                                " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
+                if self.val_loader is not None and (self.step % self.val_interval == 0 or done):
+                    metrics = self.validate()
+                    self._log({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}}, writer)
+                    key, value = next(iter(metrics.items()))
+                    logger.info("step %d validation %s", self.step,
+                                " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                    if value < self.best_metric:
+                        self.best_metric = value
+                        if self.is_main:
+                            for stem, weights in self.export_weights().items():
+                                atomic_torch_save(weights, self.ckpt_dir / f"{stem}_best.pt")
+                            logger.info("step %d: new best %s=%.5f", self.step, key, value)
+                if self.step % self.ckpt_interval == 0 or done:
+                    self.save_checkpoint()
         if writer is not None:
             writer.close()
         if self.is_main:
