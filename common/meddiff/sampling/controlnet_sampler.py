@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -13,10 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
 from torch import nn
-from tqdm import tqdm
 
 from meddiff.data.errors import DataError
 from meddiff.data.masks import find_masks as find_mask_sources
@@ -338,82 +335,58 @@ class ControlNetSampler(LatentDiffusionSampler):
         Returns:
             The image NIfTI paths of this rank's volumes (all of them in a one-process run).
         """
-        if self.output_dir is None or self.spacing is None:
-            raise ValueError("run() writes files: give output_dir and spacing.")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        rank, world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
-        provenance = self._provenance()
+        provenance = self._start_run()
         earlier = self._earlier(provenance)
         n = self.num_samples_per_mask
-        chunks = [(j, list(range(start, min(start + self.sample_batch_size, n))))
-                  for j in range(len(self.masks)) for start in range(0, n, self.sample_batch_size)]
-        mine = chunks[rank::world]
-        tag = f"rank {rank}/{world}: " if world > 1 else ""
-        part = self.output_dir / f"samples.part-rank{rank}-pid{os.getpid()}.json"
-        records: dict[tuple[int, int], dict[str, Any]] = {}
-        written: list[Path] = []
-        generated = 0
         loaded: tuple[int, torch.Tensor, dict[str, Any]] | None = None
-        position = int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else None
-        with tqdm(total=sum(len(ks) for _, ks in mine), desc=f"{tag}sampling", disable=not self.progress,
-                  dynamic_ncols=True, position=position) as bar:  # closed before an error reaches the terminal
-            for j, part_ks in mine:
-                mask_path = self.masks[j]
-                if loaded is None or loaded[0] != j:
-                    loaded = (j, *self.load_mask_source(mask_path))
-                _, mask, mask_meta = loaded
-                mask_hash = mask_meta["sha256"]  # of the label file (the SEG or RTSTRUCT of a folder source)
-                affine = np.asarray(torch.as_tensor(mask.affine).double().cpu())  # the grid of image and label
-                case = mask_case_name(mask_path, self.mask_dir)
-                seeds = {k: self.seeds[j * n + k] for k in part_ks}
-                stems = {k: f"{case}_{k:03d}" for k in part_ks}
-                kept = {k: earlier.get(f"{stems[k]}_image.nii.gz") for k in part_ks}
-                if all(r is not None and r.get("seed") == seeds[k] and self._verified(r) for k, r in kept.items()):
-                    records.update({(j, k): r for k, r in kept.items()})
-                    written.extend(self.output_dir / r["file"] for r in kept.values())
-                    bar.update(len(part_ks))
-                    continue
-                labels = [self.augment(mask, seeds[k]) for k in part_ks]  # the whole batch: same bytes as before
-                tic = time.perf_counter()
-                volumes = self.generate_for_masks(labels, [seeds[k] for k in part_ks])
-                seconds = (time.perf_counter() - tic) / len(part_ks)
-                for k, label, volume in zip(part_ks, labels, volumes):
-                    files = self._write_pair(stems[k], volume, label, affine, seeds[k], mask_hash)
-                    records[(j, k)] = {"file": files[0].name, "label_file": files[1].name, "seed": seeds[k],
-                                       "mask": str(mask_path), "mask_sha256": mask_hash, "mask_kind": mask_meta["kind"],
-                                       "mask_label_file": mask_meta["label_file"],
-                                       "mask_augmentation": self.augment.describe(), "seconds": round(seconds, 2),
-                                       "sha256": {self._relative(f): file_sha256(f) for f in files},
-                                       **self.class_record(seeds[k])}
-                    written.append(files[0])
-                    generated += 1
-                    bar.update(1)
-                atomic_write_json(part, {**provenance, "samples": [records[key] for key in sorted(records)]})
-        logger.info("%s%d mask-conditioned samples written, %d kept from an earlier run, in %s", tag, generated,
-                    sum(len(ks) for _, ks in mine) - generated, self.output_dir)
-        if self.distributed:
-            gathered: list[dict[tuple[int, int], dict[str, Any]] | None] = [None] * world
-            dist.all_gather_object(gathered, records)
-            records = {key: r for rank_records in gathered for key, r in rank_records.items()}
-        if rank == 0:
-            ordered = [records[key] for key in sorted(records)]
-            atomic_write_json(self.output_dir / "samples.json",
-                              {**provenance, "samples": ordered, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            atomic_write_json(self.output_dir / "dataset.json", {
-                "name": "synthetic image + label pairs (meddiff ControlNet)",
-                "description": "Synthetic images generated by a diffusion model from label maps; not for diagnosis.",
-                "labels": self._dataset_labels(),
-                "numTraining": len(ordered),
-                "training": [{"image": r["file"], "label": r["label_file"],
-                              **({"class_label": r["class_label"]} if "class_label" in r else {})} for r in ordered],
-            })
-            for path in self.output_dir.glob("samples.part-rank*.json"):
-                path.unlink(missing_ok=True)
-            logger.info("%d mask-conditioned samples for %d label maps in %s", len(ordered), len(self.masks),
-                        self.output_dir)
-        if self.distributed:
-            dist.barrier()  # samples.json and dataset.json exist on return, on every rank
-        return written
+
+        def sample(chunk: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[dict[str, Any], bool]]:
+            nonlocal loaded
+            j = chunk[0][0]
+            mask_path = self.masks[j]
+            if loaded is None or loaded[0] != j:
+                loaded = (j, *self.load_mask_source(mask_path))
+            _, mask, mask_meta = loaded
+            mask_hash = mask_meta["sha256"]  # of the label file (the SEG or RTSTRUCT of a folder source)
+            affine = np.asarray(torch.as_tensor(mask.affine).double().cpu())  # the grid of image and label
+            case = mask_case_name(mask_path, self.mask_dir)
+            seeds = {key: self.seeds[j * n + key[1]] for key in chunk}
+            stems = {key: f"{case}_{key[1]:03d}" for key in chunk}
+            kept = {key: earlier.get(f"{stems[key]}_image.nii.gz") for key in chunk}
+            if all(r is not None and r.get("seed") == seeds[key] and self._verified(r) for key, r in kept.items()):
+                return {key: (r, False) for key, r in kept.items()}
+            labels = [self.augment(mask, seeds[key]) for key in chunk]  # the whole batch: same bytes as before
+            tic = time.perf_counter()
+            volumes = self.generate_for_masks(labels, [seeds[key] for key in chunk])
+            seconds = (time.perf_counter() - tic) / len(chunk)
+            done = {}
+            for key, label, volume in zip(chunk, labels, volumes):
+                files = self._write_pair(stems[key], volume, label, affine, seeds[key], mask_hash)
+                done[key] = ({"file": files[0].name, "label_file": files[1].name, "seed": seeds[key],
+                              "mask": str(mask_path), "mask_sha256": mask_hash, "mask_kind": mask_meta["kind"],
+                              "mask_label_file": mask_meta["label_file"],
+                              "mask_augmentation": self.augment.describe(), "seconds": round(seconds, 2),
+                              "sha256": {self._relative(f): file_sha256(f) for f in files},
+                              **self.class_record(seeds[key])}, True)
+            return done
+
+        chunks = [[(j, k) for k in range(start, min(start + self.sample_batch_size, n))]
+                  for j in range(len(self.masks)) for start in range(0, n, self.sample_batch_size)]
+        return self._run_chunks(chunks, sample, provenance, "mask-conditioned samples")
+
+    def _write_manifests(self, provenance: Mapping[str, Any], records: list[dict[str, Any]]) -> None:
+        """``samples.json`` and ``dataset.json`` (the image + label pairs in MONAI's convention)."""
+        super()._write_manifests(provenance, records)
+        atomic_write_json(self.output_dir / "dataset.json", {
+            "name": "synthetic image + label pairs (meddiff ControlNet)",
+            "description": "Synthetic images generated by a diffusion model from label maps; not for diagnosis.",
+            "labels": self._dataset_labels(),
+            "numTraining": len(records),
+            "training": [{"image": r["file"], "label": r["label_file"],
+                          **({"class_label": r["class_label"]} if "class_label" in r else {})} for r in records],
+        })
+        logger.info("%d mask-conditioned samples for %d label maps in %s", len(records), len(self.masks),
+                    self.output_dir)
 
     def _write_pair(self, stem: str, volume: torch.Tensor, label: torch.Tensor, affine: np.ndarray, seed: int,
                     mask_hash: str) -> list[Path]:

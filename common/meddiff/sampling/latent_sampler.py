@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -608,60 +608,87 @@ class LatentDiffusionSampler:
         Raises:
             ValueError: ``output_dir`` or ``spacing`` not given.
         """
+        provenance = self._start_run()
+        earlier = self._earlier_records(provenance) if self.resume else {}
+
+        def sample(chunk: list[int]) -> dict[int, tuple[dict[str, Any], bool]]:
+            done = {i: (earlier[i], False) for i in chunk if i in earlier and self._verified(earlier[i])}
+            if len(done) < len(chunk):
+                tic = time.perf_counter()
+                volumes = self.generate([self.seeds[i] for i in chunk])  # the whole batch: same bytes as before
+                seconds = (time.perf_counter() - tic) / len(chunk)
+                for i, volume in zip(chunk, volumes):
+                    if i in done:
+                        continue
+                    files = self._write(i, volume)
+                    record = {"file": files[0].name, "seed": self.seeds[i], "seconds": round(seconds, 2),
+                              "sha256": {self._relative(f): file_sha256(f) for f in files}}
+                    if self.num_classes:
+                        record["class_label"] = self.sample_classes[i]
+                    done[i] = (record, True)
+            return done
+
+        indices = list(range(self.num_samples))
+        chunks = [indices[i:i + self.sample_batch_size] for i in range(0, len(indices), self.sample_batch_size)]
+        return self._run_chunks(chunks, sample, provenance, "samples")
+
+    def _start_run(self) -> dict[str, Any]:
+        """Check that :meth:`run` can write, make ``output_dir``; returns this run's provenance."""
         if self.output_dir is None or self.spacing is None:
             raise ValueError("run() writes files: give output_dir and spacing.")
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        return self._provenance()
+
+    def _run_chunks(self, chunks: list[list[Hashable]],
+                    sample: Callable[[list[Hashable]], dict[Hashable, tuple[dict[str, Any], bool]]],
+                    provenance: dict[str, Any], what: str) -> list[Path]:
+        """The batches of a run shared over the ranks, with part files, progress and the merged manifest.
+
+        Rank ``r`` of ``W`` takes ``chunks[r::W]``; ``sample(chunk)`` returns ``{key: (record, newly written)}`` for
+        each key of the chunk. After a chunk with new volumes the rank's records go to its part file
+        ``samples.part-rank<r>-*.json``; at the end the ranks' records are gathered and rank 0 writes the
+        manifests (:meth:`_write_manifests`, records sorted by key) and removes the part files.
+
+        Returns:
+            The image paths of this rank's volumes, in chunk order.
+        """
         rank, world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
-        provenance = self._provenance()
-        earlier = self._earlier_records(provenance) if self.resume else {}
-        indices = list(range(self.num_samples))
-        chunks = [indices[i:i + self.sample_batch_size] for i in range(0, len(indices), self.sample_batch_size)]
         mine = chunks[rank::world]
         tag = f"rank {rank}/{world}: " if world > 1 else ""
         part = self.output_dir / f"samples.part-rank{rank}-pid{os.getpid()}.json"
-        records: dict[int, dict[str, Any]] = {}
+        records: dict[Hashable, dict[str, Any]] = {}
         written: list[Path] = []
         generated = 0
         position = int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else None
         with tqdm(total=sum(len(c) for c in mine), desc=f"{tag}sampling", disable=not self.progress, dynamic_ncols=True,
                   position=position) as bar:  # closed before an error reaches the terminal
             for chunk in mine:
-                kept = {i: earlier[i] for i in chunk if i in earlier and self._verified(earlier[i])}
-                records.update(kept)
-                bar.update(len(kept))
-                if len(kept) < len(chunk):
-                    tic = time.perf_counter()
-                    volumes = self.generate([self.seeds[i] for i in chunk])  # the whole batch: same bytes as before
-                    seconds = (time.perf_counter() - tic) / len(chunk)
-                    for i, volume in zip(chunk, volumes):
-                        if i in kept:
-                            continue
-                        files = self._write(i, volume)
-                        records[i] = {"file": files[0].name, "seed": self.seeds[i], "seconds": round(seconds, 2),
-                                      "sha256": {self._relative(f): file_sha256(f) for f in files}}
-                        if self.num_classes:
-                            records[i]["class_label"] = self.sample_classes[i]
-                        generated += 1
-                        bar.update(1)
-                    atomic_write_json(part, {**provenance, "samples": [records[i] for i in sorted(records)]})
-                written.extend(self.output_dir / records[i]["file"] for i in chunk)
-        logger.info("%s%d samples written, %d kept from an earlier run, in %s", tag, generated,
+                done = sample(chunk)
+                new = sum(is_new for _, is_new in done.values())
+                records.update({key: record for key, (record, _) in done.items()})
+                written.extend(self.output_dir / done[key][0]["file"] for key in chunk)
+                generated += new
+                bar.update(len(chunk))
+                if new:
+                    atomic_write_json(part, {**provenance, "samples": [records[key] for key in sorted(records)]})
+        logger.info("%s%d %s written, %d kept from an earlier run, in %s", tag, generated, what,
                     sum(len(c) for c in mine) - generated, self.output_dir)
         if self.distributed:
-            gathered: list[dict[int, dict[str, Any]] | None] = [None] * world
+            gathered: list[dict[Hashable, dict[str, Any]] | None] = [None] * world
             dist.all_gather_object(gathered, records)
-            records = {i: r for part_records in gathered for i, r in part_records.items()}
+            records = {key: r for rank_records in gathered for key, r in rank_records.items()}
         if rank == 0:
-            atomic_write_json(self.output_dir / "samples.json", {
-                **provenance,
-                "samples": [records[i] for i in sorted(records)],
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            })
+            self._write_manifests(provenance, [records[key] for key in sorted(records)])
             for path in self.output_dir.glob("samples.part-rank*.json"):
                 path.unlink(missing_ok=True)
         if self.distributed:
-            dist.barrier()  # samples.json exists on return, on every rank
+            dist.barrier()  # the manifests exist on return, on every rank
         return written
+
+    def _write_manifests(self, provenance: Mapping[str, Any], records: list[dict[str, Any]]) -> None:
+        """Rank 0, at the end of :meth:`run`: ``samples.json`` (atomically) with every rank's records."""
+        atomic_write_json(self.output_dir / "samples.json",
+                          {**provenance, "samples": records, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
     def _provenance(self) -> dict[str, Any]:
         """Manifest fields of this run's settings; a recorded volume is reused only when they are unchanged."""
