@@ -37,7 +37,7 @@ from pydicom.uid import (
 
 from meddiff.data.dicom_writer import write_dicom_series
 from meddiff.data.writers import save_nifti
-from meddiff.utils.atomic import atomic_path, atomic_write_text
+from meddiff.utils.atomic import atomic_path, atomic_write_json, atomic_write_text
 
 __all__ = [
     "CT_ABDOMEN_FILE",
@@ -180,8 +180,6 @@ def make_brain_label_demo(output_dir: str | Path, num_volumes: int = 8, spacing:
     Returns:
         The written ``dataset.json``.
     """
-    import json
-
     out = Path(output_dir)
     images = make_brain_demo(out / "imagesTr", num_volumes=num_volumes, spacing=spacing, seed=seed)
     items = []
@@ -196,7 +194,7 @@ def make_brain_label_demo(output_dir: str | Path, num_volumes: int = 8, spacing:
     dataset = {"name": "meddiff brain label demo", "labels": BRAIN_LABELS, "numTraining": len(items),
                "training": items}
     target = out / "dataset.json"
-    atomic_write_text(target, json.dumps(dataset, indent=4) + "\n")
+    atomic_write_json(target, dataset)
     logger.info("wrote %d demo volumes with label maps and %s", len(items), target)
     return target
 
@@ -500,8 +498,6 @@ def make_ct_organ_demo(
     Returns:
         The written ``dataset.json``.
     """
-    import json
-
     from meddiff.data.dicom_seg_writer import write_dicom_seg
 
     if layout not in ("nifti", "dicom"):
@@ -539,6 +535,6 @@ def make_ct_organ_demo(
     dataset = {"name": "meddiff abdominal CT organ demo", "labels": CT_ORGAN_LABELS, "numTraining": len(items),
                "training": items}
     target = out / "dataset.json"
-    atomic_write_text(target, json.dumps(dataset, indent=4) + "\n")
+    atomic_write_json(target, dataset)
     logger.info("wrote %d abdominal CT variants with organ label maps (%s layout) and %s", len(items), layout, target)
     return target
